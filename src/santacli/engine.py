@@ -6,17 +6,19 @@ The one API that every front end (cli, repl, server) calls.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from santacli import weights
+from santacli import fim, weights
 from santacli.config import ModelConfig
 from santacli.errors import CheckpointError, UsageError
 from santacli.generate import SamplingParams, TokenStream
-from santacli.model import GPTBigCode, select_backend
+from santacli.model import GPTBigCode, KVCache, select_backend
+from santacli.promptcache import PromptCache
 from santacli.tokenizer import Tokenizer
 
 
@@ -40,6 +42,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.info = info
         self.config: ModelConfig = model.config
+        self.prompt_cache = PromptCache()
 
     @classmethod
     def load(cls, model: str, *, device: str | None = None, dtype: str | None = None,
@@ -111,3 +114,251 @@ class Engine:
         stream = self.stream_ids(ids, max_new_tokens=max_new_tokens, sampling=sampling,
                                  stop_ids=None if stop_at_eos else frozenset())
         return [step[0] for step in stream if step[0] is not None]
+
+    # -- text level ---------------------------------------------------------------------------
+
+    def build_prompt(self, prefix: str, suffix: str, opts: CompletionOptions) -> fim.Prompt:
+        """The token-exact, budgeted prompt for ``prefix``/``suffix`` (see :mod:`santacli.fim`)."""
+        tok = self.tokenizer
+        use_name = opts.use_filename and tok.filename_id is not None and bool(opts.filename)
+        return fim.build_prompt(
+            tok.encode, prefix=prefix, suffix=suffix, fim=tok.fim, fim_mode=opts.fim_mode,
+            n_positions=self.config.n_positions, max_tokens=opts.max_tokens,
+            filename_id=tok.filename_id if use_name else None, filename=opts.filename if use_name else None,
+        )
+
+    def infill(self, prefix: str, suffix: str, options: CompletionOptions | None = None,
+               **overrides: object) -> CompletionStream:
+        """Fill in the middle between ``prefix`` and ``suffix``.
+
+        Iterate the returned stream for text chunks of the first candidate as they arrive; its
+        ``result`` holds every candidate and the stats. Options come from ``options`` and/or
+        keyword overrides (``max_tokens=32, mode="line"`` ...).
+
+        Raises:
+            UsageError, ContextLengthError: invalid options or no room for the prompt.
+        """
+        opts = replace(options or CompletionOptions(), **overrides)  # type: ignore[arg-type]
+        mode = fim.choose_mode(opts.mode, prefix, suffix)
+        prompt = self.build_prompt(prefix, suffix, opts)
+        return CompletionStream(self, prompt, mode, opts)
+
+    def complete(self, prefix: str, options: CompletionOptions | None = None,
+                 **overrides: object) -> CompletionStream:
+        """Continue ``prefix`` left to right (an infill with an empty suffix)."""
+        return self.infill(prefix, "", options, **overrides)
+
+    def new_cache(self, *, batch: int, needed: int) -> KVCache:
+        """A KV cache for ``batch`` rows. It spans the whole context when that is cheap, so a
+        later, longer request can reuse it; otherwise exactly what this request needs."""
+        per_position = self.model.new_cache(batch=batch, max_len=1).nbytes()
+        whole = per_position * self.config.n_positions <= 256 * 2**20
+        return self.model.new_cache(batch=batch, max_len=self.config.n_positions if whole else needed)
+
+
+def describe_model(model: str, *, device: str | None = None, dtype: str | None = None,
+                   attention: str = "auto") -> dict[str, str]:
+    """Facts about a model without loading its weights (``santa info``)."""
+    folder = weights.resolve_model(model, allow_download=False)
+    config = ModelConfig.from_file(folder / "config.json")
+    tok = Tokenizer.from_file(folder / "tokenizer.json")
+    dev = weights.choose_device(device)
+    torch_dtype = weights.choose_dtype(dtype, dev)
+    fim_desc = "none (left-to-right completion only)"
+    if tok.fim is not None:
+        fim_desc = (f"{tok.fim.family} (prefix {tok.fim.prefix}, middle {tok.fim.middle}, "
+                    f"suffix {tok.fim.suffix}, pad {tok.fim.pad})")
+    params = config.num_parameters
+    return {
+        "model": model,
+        "folder": str(folder),
+        "architecture": (f"gpt_bigcode, {'multi-query' if config.multi_query else 'multi-head'} attention"
+                         + (" (original santacoder layout)" if config.original_santacoder_layout else "")),
+        "layers": str(config.n_layer),
+        "hidden size": f"{config.n_embd} (MLP {config.inner_dim}, {config.activation_function})",
+        "heads": f"{config.n_head} x {config.head_dim}",
+        "parameters": f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M",
+        "context": f"{config.n_positions} tokens",
+        "vocabulary": f"{tok.vocab_size} tokens ({config.vocab_size} embedding rows)",
+        "eos": str(tok.eos_id),
+        "fim sentinels": fim_desc,
+        "filename metadata": "yes (<filename>)" if tok.filename_id is not None else "no",
+        "weights on disk": f"{weights.weights_size(folder) / 1e6:.1f} MB",
+        "device": str(dev),
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "attention": select_backend(attention, dev, torch_dtype),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Text completion
+
+
+@dataclass(frozen=True)
+class CompletionOptions:
+    """Options shared by every front end; see ``santa complete --help`` for their meaning."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    n: int = 1
+    mode: str = "auto"
+    fim_mode: str = "psm"
+    stop: tuple[str, ...] = ()
+    filename: str | None = None  # StarCoder <filename> metadata when the model has it
+    use_filename: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise UsageError(f"max tokens must be >= 1, got {self.max_tokens}")
+        if not 1 <= self.n <= 16:
+            raise UsageError(f"candidates must be between 1 and 16, got {self.n}")
+        if self.fim_mode not in fim.FIM_MODES:
+            raise UsageError(f"fim mode must be psm or spm, got {self.fim_mode!r}")
+        if self.mode not in fim.COMPLETION_MODES:
+            raise UsageError(f"mode must be one of {', '.join(fim.COMPLETION_MODES)}, got {self.mode!r}")
+        SamplingParams(self.temperature, self.top_k, self.top_p, self.seed)  # validates
+
+
+@dataclass(frozen=True)
+class CompletionResult:
+    """The outcome of one completion request, with what the front ends report."""
+
+    text: str  # the first candidate
+    candidates: list[str]
+    stop_reasons: list[str]
+    mode: str
+    fim: bool  # False: left-to-right completion
+    fim_mode: str
+    prompt_tokens: int
+    reused_prompt_tokens: int
+    generated_tokens: int
+    time_to_first_token: float
+    tokens_per_second: float
+    elapsed: float
+    truncation: fim.Truncation
+    model: str
+
+    @property
+    def stop_reason(self) -> str:
+        return self.stop_reasons[0]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "completion": self.text,
+            "candidates": self.candidates,
+            "stop_reason": self.stop_reason,
+            "stop_reasons": self.stop_reasons,
+            "mode": self.mode,
+            "fim": self.fim,
+            "fim_mode": self.fim_mode if self.fim else None,
+            "model": self.model,
+            "tokens": {"prompt": self.prompt_tokens, "prompt_reused": self.reused_prompt_tokens,
+                       "generated": self.generated_tokens},
+            "timings": {"time_to_first_token_s": round(self.time_to_first_token, 4),
+                        "tokens_per_s": round(self.tokens_per_second, 2),
+                        "total_s": round(self.elapsed, 4)},
+            "truncated": {"prefix_chars": self.truncation.prefix_chars,
+                          "prefix_lines": self.truncation.prefix_lines,
+                          "suffix_chars": self.truncation.suffix_chars,
+                          "suffix_lines": self.truncation.suffix_lines},
+        }
+
+
+class CompletionStream:
+    """Iterate for the first candidate's text chunks as they are generated; then ``result``.
+
+    ``cancel()`` (from another thread, e.g. a disconnected client) ends generation at the next
+    token; the result then says ``cancelled``.
+    """
+
+    def __init__(self, engine: Engine, prompt: fim.Prompt, mode: str, opts: CompletionOptions) -> None:
+        self._engine = engine
+        self._prompt = prompt
+        self._mode = mode
+        self._opts = opts
+        self._result: CompletionResult | None = None
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    @property
+    def result(self) -> CompletionResult:
+        if self._result is None:
+            for _ in self:
+                pass
+        assert self._result is not None
+        return self._result
+
+    def text(self) -> str:
+        return self.result.text
+
+    def __iter__(self) -> Iterator[str]:
+        if self._result is not None:
+            return
+        engine, prompt, opts = self._engine, self._prompt, self._opts
+        started = time.perf_counter()
+        tok = engine.tokenizer
+        sampling = SamplingParams(opts.temperature, opts.top_k, opts.top_p, opts.seed)
+        needed = len(prompt.ids) + opts.max_tokens
+        cache, reuse = engine.prompt_cache.take(prompt.ids, batch=opts.n, max_len=needed)
+        if cache is None:
+            cache = engine.new_cache(batch=opts.n, needed=needed)
+        stream = TokenStream(engine.model, prompt.ids, max_new_tokens=opts.max_tokens, sampling=sampling,
+                             stop_ids=tok.sentinel_ids, valid_vocab=tok.vocab_size, n=opts.n,
+                             cache=cache, reuse=reuse)
+        suffix = prompt.suffix if prompt.fim else ""
+        filters = [fim.CompletionFilter(self._mode, prefix=prompt.prefix, suffix=suffix, stops=opts.stop)
+                   for _ in range(opts.n)]
+        decoders = [tok.stream() for _ in range(opts.n)]
+        reasons: list[str | None] = [None] * opts.n
+        first_token_at: float | None = None
+        try:
+            for step in stream:
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                for row, token in enumerate(step):
+                    if token is None or reasons[row]:
+                        continue
+                    if token in tok.sentinel_ids:
+                        reasons[row] = "eos"
+                        piece = filters[row].feed(decoders[row].flush())
+                    else:
+                        piece = filters[row].feed(decoders[row].push(token))
+                    if filters[row].stopped:
+                        reasons[row] = filters[row].stopped
+                        stream.stop_row(row)
+                    if row == 0 and piece:
+                        yield piece
+                if self._cancelled:
+                    reasons = [r or "cancelled" for r in reasons]
+                    break
+        finally:
+            if stream.cache is not None and reuse <= len(prompt.ids):
+                engine.prompt_cache.put(prompt.ids, stream.cache)
+        texts = []
+        for row in range(opts.n):
+            if reasons[row] is None:
+                reasons[row] = "max_tokens"
+                filters[row].feed(decoders[row].flush())
+                if filters[row].stopped:
+                    reasons[row] = filters[row].stopped
+            rest = filters[row].finish(ended_by_rule=reasons[row] != "eos")
+            if row == 0 and rest:
+                yield rest
+            texts.append(filters[row].text)
+        done = time.perf_counter()
+        first = first_token_at or done
+        generated = stream.generated
+        self._result = CompletionResult(
+            text=texts[0], candidates=texts, stop_reasons=[r or "max_tokens" for r in reasons],
+            mode=self._mode, fim=prompt.fim, fim_mode=opts.fim_mode, prompt_tokens=len(prompt.ids),
+            reused_prompt_tokens=stream.reused, generated_tokens=generated,
+            time_to_first_token=first - started,
+            tokens_per_second=(generated - 1) / (done - first) if generated > 1 and done > first else 0.0,
+            elapsed=done - started, truncation=prompt.truncation, model=engine.info.name,
+        )
+

@@ -83,6 +83,15 @@ class Tokenizer:
         """Token ids for user text; special-token spellings are encoded as plain text."""
         return self._tk.encode(text, add_special_tokens=False).ids
 
+    def encode_raw(self, text: str) -> list[int]:
+        """Token ids where spelled-out special tokens (``<fim-prefix>``...) become control tokens,
+        as raw prompts from TGI/OpenAI clients that lay out FIM themselves expect."""
+        self._tk.encode_special_tokens = False
+        try:
+            return self._tk.encode(text, add_special_tokens=False).ids
+        finally:
+            self._tk.encode_special_tokens = True
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tk.encode_batch(texts, add_special_tokens=False)]
 

@@ -95,6 +95,28 @@ def _snapshot(repo_id: str, *, allow_download: bool) -> Path:
         ) from None
 
 
+def download_model(name: str) -> Path:
+    """Download an alias or hub id into the local cache (``santa pull``).
+
+    Raises:
+        ModelNotFoundError: a folder or the bundled model (nothing to pull), or the download failed.
+    """
+    alias = catalog.lookup(name)
+    if alias is not None and not alias.repo_id:
+        raise ModelNotFoundError(f"{name!r} is bundled with santa: nothing to pull")
+    if Path(name).expanduser().is_dir():
+        raise ModelNotFoundError(f"{name!r} is a local folder: nothing to pull")
+    repo_id = alias.repo_id if alias else name
+    if not _REPO_ID.match(repo_id):
+        raise ModelNotFoundError(f"unknown model {name!r}: not an alias (see `santa models`) or a hub id")
+    return _snapshot(repo_id, allow_download=True)
+
+
+def weights_size(folder: Path) -> int:
+    """Bytes of safetensors weights in a model folder."""
+    return sum(f.stat().st_size for f in _weight_files(folder))
+
+
 def download(repo_id: str) -> str:
     """Download only the files santa needs (progress bars go to stderr)."""
     from huggingface_hub import snapshot_download

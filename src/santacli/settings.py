@@ -1,0 +1,82 @@
+"""User settings: a TOML file in the platform config dir, overridden by env and flags.
+
+Precedence: command-line flag > environment (SANTA_MODEL) > config file > built-in default.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from santacli.catalog import BUNDLED_ALIAS
+from santacli.errors import UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def config_path() -> Path:
+    """SANTA_CONFIG, else e.g. ~/.config/santa/config.toml."""
+    env = os.environ.get("SANTA_CONFIG")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_config_dir
+
+    return Path(user_config_dir("santa")) / "config.toml"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Defaults for every command; each may be set in config.toml under the same name."""
+
+    model: str | None = None  # None: nothing configured (the bundled model, with a hint)
+    device: str | None = None
+    dtype: str | None = None
+    attention: str = "auto"
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    mode: str = "auto"
+    fim_mode: str = "psm"
+    use_filename: bool = True
+    hint: bool = True  # the one-line hint about real models when the bundled one is used
+
+    @property
+    def resolved_model(self) -> str:
+        return self.model or BUNDLED_ALIAS
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Read the config file (missing is fine) and SANTA_MODEL.
+
+    Raises:
+        UsageError: the file is not valid TOML or has unknown keys / wrong types.
+    """
+    path = path or config_path()
+    values: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise UsageError(f"{path}: cannot read config ({exc})") from None
+        known = {f.name: f for f in fields(Settings)}
+        for key, value in data.items():
+            if key not in known:
+                raise UsageError(f"{path}: unknown setting {key!r}; known: {', '.join(known)}")
+            expected = {"int": int, "float": (int, float), "bool": bool}.get(
+                str(known[key].type).split(" ")[0], str)
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                raise UsageError(f"{path}: setting {key!r} has the wrong type ({value!r})")
+            values[key] = value
+    env_model = os.environ.get("SANTA_MODEL")
+    if env_model:
+        values["model"] = env_model
+    if os.environ.get("SANTA_NO_HINT"):
+        values["hint"] = False
+    return Settings(**values)
