@@ -105,3 +105,24 @@ def write_checkpoint(folder: Path, *, tokenizer: Tokenizer | None = None, seed: 
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     tokenizer.save(str(folder / "tokenizer.json"))
     return folder
+
+
+def write_endless_checkpoint(folder: Path, *, tokenizer: Tokenizer | None = None, token: str = "a",
+                             **overrides: Any) -> Path:
+    """A model that repeats ``token`` forever and never emits a special token.
+
+    ln_f's weight is zero, so every position's final hidden state is its bias b; with lm_head
+    tied to wte, logits are b · wte[i]: one row is made parallel to b and the specials opposite.
+    """
+    tokenizer = tokenizer or build_tokenizer()
+    cfg = tiny_config(**overrides)
+    cfg["vocab_size"] = tokenizer.get_vocab_size(with_added_tokens=True)
+    state = random_state(cfg)
+    bias = state["transformer.ln_f.bias"]
+    bias /= bias.norm()
+    state["transformer.ln_f.weight"] = torch.zeros_like(bias)
+    wte = state["transformer.wte.weight"]
+    for special in tokenizer.get_added_tokens_decoder():
+        wte[special] = -10 * bias
+    wte[tokenizer.token_to_id(token)] = 10 * bias
+    return write_checkpoint(folder, tokenizer=tokenizer, state=state, **overrides)

@@ -1,9 +1,17 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-import pytest
+# Tiny models gain nothing from threads, and a busy 2-core machine makes OpenMP barriers spin:
+# one thread keeps the suite fast and steady (subprocesses inherit the variable).
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -23,7 +31,7 @@ def tiny_checkpoint(tmp_path_factory, tokenizer) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("tiny") / "model", tokenizer=tokenizer)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
-import click
 import typer
 from rich.console import Console
 
@@ -36,6 +35,7 @@ app = typer.Typer(
 )
 
 _state: dict[str, Any] = {"debug": False, "quiet": False}
+DEFAULT_MARKER = "<CURSOR>"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +310,8 @@ def infill(
     top_k: TopK = None, seed: Seed = None, candidates: Candidates = 1, mode: Mode = None,
     fim_mode: FimMode = None, stop: Stop = None, device: Device = None, dtype: Dtype = None,
     attention: Attention = None, no_filename: NoFilename = False, json_out: Json = False,
-    marker: Annotated[str, typer.Option(help="Cursor marker in the input.")] = "<CURSOR>",
+    marker: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="Cursor marker in the input [default: <CURSOR>; when given, it must be present].")] = None,
     prefix_file: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         "--prefix-file", help="Read the prefix from this file instead of stdin.")] = None,
     suffix_file: Annotated[Optional[Path], typer.Option(  # noqa: UP045
@@ -332,7 +333,9 @@ def infill(
             raise InputError("the prefix and suffix files are empty: nothing to complete")
     else:
         text = read_stdin()
-        split = split_at_marker(text, marker)
+        split = split_at_marker(text, marker or DEFAULT_MARKER)
+        if split is None and marker is not None:
+            raise UsageError(f"the cursor marker {marker!r} is not in the input")
         prefix, suffix = split if split is not None else (text, "")
     settings = _settings()
     common = Common(model, device, dtype, attention, max_tokens, temperature, top_p, top_k, seed, candidates,
@@ -365,19 +368,26 @@ def models() -> None:
     from santacli.weights import cached_models
 
     cached = dict(cached_models())
-    table = Table(title="santa models", title_justify="left")
-    for column in ("alias", "model", "cached", "about"):
-        table.add_column(column)
+    rows: list[tuple[str, str, str, str]] = []
     for alias in catalog.ALIASES.values():
         if alias.repo_id:
             size = cached.pop(alias.repo_id, None)
-            status = _size(size) if size is not None else "-"
+            rows.append((alias.name, alias.repo_id, _size(size) if size is not None else "-", alias.description))
         else:
-            status = "bundled" if (catalog.BUNDLED_DIR / "config.json").is_file() else "missing"
-        table.add_row(alias.name, alias.repo_id or str(catalog.BUNDLED_DIR), status, alias.description)
-    for repo_id, size in cached.items():
-        table.add_row("", repo_id, _size(size), "(in the hub cache)")
-    Console().print(table)
+            present = (catalog.BUNDLED_DIR / "config.json").is_file()
+            rows.append((alias.name, "(bundled)", "bundled" if present else "missing", alias.description))
+    rows += [("", repo_id, _size(size), "in the hub cache") for repo_id, size in cached.items()]
+    out = Console()
+    if not out.is_terminal:
+        # Pipes get plain tab-separated lines, easy to grep and never wrapped.
+        sys.stdout.writelines("\t".join(row) + "\n" for row in rows)
+        return
+    table = Table(title="santa models", title_justify="left")
+    for column in ("alias", "model", "cached", "about"):
+        table.add_column(column, no_wrap=column != "about")
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
 
 
 def _size(n: int) -> str:
@@ -456,23 +466,45 @@ def repl(
 # Entry point: the one place where errors become messages and exit codes
 
 
+def _click_exceptions() -> tuple[tuple[type[BaseException], ...], ...]:
+    """(exit, abort, usage/click errors) from typer's bundled click and plain click, if present."""
+    exits: list[type[BaseException]] = [typer.Exit]
+    aborts: list[type[BaseException]] = [typer.Abort]
+    errors: list[type[BaseException]] = [
+        next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")]
+    try:
+        import click
+
+        exits.append(click.exceptions.Exit)
+        aborts.append(click.exceptions.Abort)
+        errors.append(click.ClickException)
+    except ImportError:  # pragma: no cover - newer typer bundles click
+        pass
+    return tuple(exits), tuple(aborts), tuple(errors)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run santa; return the exit code (the console script exits with it)."""
     debug = os.environ.get("SANTA_DEBUG", "").lower() in ("1", "true", "yes") or "--debug" in (argv or sys.argv)
+    exits, aborts, click_errors = _click_exceptions()
     try:
-        app(args=argv, prog_name="santa", standalone_mode=False)
-        return 0
+        # Without standalone mode typer returns an Exit's code (130 for Ctrl-C) instead of exiting.
+        code = app(args=argv, prog_name="santa", standalone_mode=False)
+        if code == 130:
+            raise KeyboardInterrupt
+        return code if isinstance(code, int) else 0
     except SantaError as exc:
         if debug:
             raise
         err.print(f"santa: error: {exc}", markup=False, highlight=False, soft_wrap=True)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        err.print(f"santa: error: {exc.format_message()}", markup=False, highlight=False, soft_wrap=True)
-        return exc.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except exits as exc:
+        return int(getattr(exc, "exit_code", 0))
+    except click_errors as exc:
+        message = exc.format_message()  # type: ignore[attr-defined]
+        err.print(f"santa: error: {message}", markup=False, highlight=False, soft_wrap=True)
+        return int(getattr(exc, "exit_code", 2))
+    except (KeyboardInterrupt, *aborts):
         err.print("santa: interrupted", markup=False)
         return 130
     except BrokenPipeError:

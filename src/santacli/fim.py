@@ -8,6 +8,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from santacli.errors import ContextLengthError, UsageError
 from santacli.tokenizer import FimTokens
@@ -24,8 +25,7 @@ Encode = Callable[[str], list[int]]
 # Cursors
 
 
-@dataclass(frozen=True)
-class CursorSpec:
+class CursorSpec(NamedTuple):
     path: str
     line: int  # 1-based
     column: int | None  # 1-based, in characters; None = end of the line's text
@@ -33,20 +33,19 @@ class CursorSpec:
 
 def parse_cursor_spec(spec: str) -> CursorSpec:
     """Parse ``PATH:LINE`` or ``PATH:LINE:COL`` (the path itself may contain colons)."""
-    match = re.fullmatch(r"(?P<path>.+?):(?P<line>[^:]+)(?::(?P<col>[^:]+))?", spec)
-    if not match:
+    parts = spec.rsplit(":", 2)
+    if len(parts) == 3 and parts[0] and parts[1].isdigit():
+        path, line, col = parts[0], parts[1], parts[2]
+    elif len(parts) >= 2 and parts[-1].isdigit():
+        path, line, col = spec.rsplit(":", 1)[0], parts[-1], None
+    else:
+        path, line, col = ":".join(parts[:-1]), parts[-1], None
+    if not path or len(parts) < 2:
         raise UsageError(f"cursor {spec!r} is not PATH:LINE or PATH:LINE:COL")
-    parsed: dict[str, int | None] = {"col": None}
-    for key in ("line", "col"):
-        raw = match.group(key)
-        if raw is None:
-            continue
-        if not raw.isdigit() or int(raw) < 1:
-            raise UsageError(f"cursor {spec!r}: {key.replace('col', 'column')} must be a number >= 1, got {raw!r}")
-        parsed[key] = int(raw)
-    line = parsed["line"]
-    assert line is not None  # the regex requires it
-    return CursorSpec(match.group("path"), line, parsed["col"])
+    for name, value in (("line", line), ("column", col)):
+        if value is not None and (not value.isdigit() or int(value) < 1):
+            raise UsageError(f"cursor {spec!r}: {name} must be a number >= 1, got {value!r}")
+    return CursorSpec(path, int(line), int(col) if col is not None else None)
 
 
 def split_at_position(text: str, line: int, column: int | None) -> tuple[str, str]:
@@ -365,24 +364,25 @@ class CompletionFilter:
         """Drop trailing lines, or a same-line tail, that repeat the start of the suffix."""
         if not self._suffix_lines:
             return text
-        lines = text.split("\n")
+        body = text.rstrip()
+        lines = body.split("\n")
         for k in range(min(len(lines) - 1, len(self._suffix_lines)), 0, -1):
-            tail = [ln.strip() for ln in lines[-k:]]
-            if tail == self._suffix_lines[:k]:
-                return "\n".join(lines[:-k]).rstrip()
+            if [ln.strip() for ln in lines[-k:]] == self._suffix_lines[:k]:
+                return body[: len(body) - len("\n".join(lines[-k:]))]
         first = self.suffix.split("\n", 1)[0].strip()
-        if first and text.rstrip().endswith(first) and len(text.rstrip()) > len(first):
-            kept = text.rstrip()[: -len(first)]
+        if first and body.endswith(first) and len(body) > len(first):
+            kept = body[: -len(first)]
             line = self._cursor_line + kept.rsplit("\n", 1)[-1]
-            # Only when the tail is surplus: dropping it must leave the line's brackets balanced.
-            if _bracket_balance(line + first) < 0 and _bracket_balance(line + first) < _bracket_balance(line):
+            # Only a surplus tail: with it, the line plus the suffix's line closes more than it opens.
+            with_tail, without = _bracket_balance(line + first + first), _bracket_balance(line + first)
+            if with_tail < 0 and abs(without) < abs(with_tail):
                 return kept
         return text
 
     def _finish_text(self, text: str, *, ended_by_rule: bool) -> str:
+        text = self._drop_suffix_repeat(text)
         if ended_by_rule:
             text = text.rstrip()
-        text = self._drop_suffix_repeat(text)
         return match_indentation(text, self._style, self._width)
 
     def _stable(self, text: str) -> str:

@@ -1,0 +1,195 @@
+"""Checkpoint loading: sharded files, the original santacoder layout, strict errors, dtypes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from checkpoints import random_state, tiny_config, write_checkpoint
+from safetensors.torch import save_file
+
+from santacli import Engine
+from santacli.config import ModelConfig
+from santacli.errors import BackendError, CheckpointError, ConfigError, ModelNotFoundError
+from santacli.model import select_backend
+
+
+def ids_for(engine, n=20):
+    return torch.randint(0, engine.tokenizer.vocab_size, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def test_sharded_checkpoint_loads_identically(tmp_path, tiny_checkpoint):
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_checkpoint, sharded)
+    from safetensors.torch import load_file
+
+    state = load_file(str(sharded / "model.safetensors"))
+    (sharded / "model.safetensors").unlink()
+    keys = sorted(state)
+    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    weight_map = {}
+    for name, part in halves.items():
+        save_file({k: state[k] for k in part}, str(sharded / name))
+        weight_map.update(dict.fromkeys(part, name))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    a, b = Engine.load(str(tiny_checkpoint)), Engine.load(str(sharded))
+    ids = ids_for(a)
+    assert torch.equal(a.logits(ids), b.logits(ids))
+
+
+def test_original_santacoder_layout_matches_converted_twin(tmp_path, tokenizer):
+    cfg = tiny_config(vocab_size=tokenizer.get_vocab_size())
+    state = random_state(cfg, seed=4)
+    fused = write_checkpoint(tmp_path / "fused", tokenizer=tokenizer, state=state)
+    original: dict[str, torch.Tensor] = {}
+    d, hd = cfg["n_embd"], cfg["n_embd"] // cfg["n_head"]
+    for key, t in state.items():
+        if key.endswith("attn.c_attn.weight"):
+            p = key.removesuffix("c_attn.weight")
+            original[p + "q_attn.weight"] = t[:d].t().contiguous()  # Conv1D stores (in, out)
+            original[p + "kv_attn.weight"] = t[d:].t().contiguous()
+        elif key.endswith("attn.c_attn.bias"):
+            p = key.removesuffix("c_attn.bias")
+            original[p + "q_attn.bias"], original[p + "kv_attn.bias"] = t[:d], t[d:]
+        elif key.endswith(("attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")):
+            original[key] = t.t().contiguous()
+        else:
+            original[key] = t
+    original["transformer.h.0.attn.masked_bias"] = torch.tensor(-1e4)  # old GPT-2 buffer, ignored
+    assert original["transformer.h.0.attn.kv_attn.weight"].shape == (d, 2 * hd)
+    orig = tmp_path / "orig"
+    orig.mkdir()
+    save_file(original, str(orig / "model.safetensors"))
+    orig_cfg = {k: v for k, v in cfg.items() if k not in ("model_type", "multi_query", "architectures")}
+    orig_cfg |= {"model_type": "gpt2", "attention_head_type": "multiquery",
+                 "architectures": ["GPT2LMHeadCustomModel"]}
+    (orig / "config.json").write_text(json.dumps(orig_cfg))
+    shutil.copy(fused / "tokenizer.json", orig / "tokenizer.json")
+    a, b = Engine.load(str(fused)), Engine.load(str(orig))
+    assert b.config.original_santacoder_layout
+    ids = ids_for(a)
+    assert torch.equal(a.logits(ids), b.logits(ids))
+
+
+def _broken_copy(tmp_path, tiny_checkpoint, edit):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    from safetensors.torch import load_file
+
+    state = load_file(str(broken / "model.safetensors"))
+    edit(state)
+    save_file(state, str(broken / "model.safetensors"))
+    return broken
+
+
+def test_missing_unexpected_and_misshaped_tensors_listed_in_one_error(tmp_path, tiny_checkpoint):
+    def edit(state):
+        del state["transformer.h.1.mlp.c_fc.bias"]
+        state["transformer.h.0.attn.extra.weight"] = torch.zeros(2)
+        state["transformer.ln_f.weight"] = torch.zeros(3)
+
+    with pytest.raises(CheckpointError) as info:
+        Engine.load(str(_broken_copy(tmp_path, tiny_checkpoint, edit)))
+    message = str(info.value)
+    assert "\n" not in message
+    assert "missing: transformer.h.1.mlp.c_fc.bias" in message
+    assert "unexpected: transformer.h.0.attn.extra.weight" in message
+    assert "wrong shape: transformer.ln_f.weight (3,) != (64,)" in message
+
+
+def test_corrupted_file(tmp_path, tiny_checkpoint):
+    broken = tmp_path / "corrupt"
+    shutil.copytree(tiny_checkpoint, broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="safetensors"):
+        Engine.load(str(broken))
+    (broken / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match="safetensors"):
+        Engine.load(str(broken))
+
+
+def test_pickle_only_checkpoint_says_how_to_convert(tmp_path, tiny_checkpoint):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    shutil.copy(tiny_checkpoint / "config.json", folder)
+    shutil.copy(tiny_checkpoint / "tokenizer.json", folder)
+    (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(CheckpointError, match="save_pretrained"):
+        Engine.load(str(folder))
+
+
+def test_missing_shard_and_missing_config(tmp_path, tiny_checkpoint):
+    folder = tmp_path / "idx"
+    shutil.copytree(tiny_checkpoint, folder)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
+    with pytest.raises(CheckpointError, match="gone.safetensors"):
+        Engine.load(str(folder))
+    (folder / "config.json").unlink()
+    with pytest.raises(ConfigError, match="config.json"):
+        Engine.load(str(folder))
+
+
+def test_tokenizer_larger_than_embedding_is_rejected(tmp_path, tokenizer):
+    folder = write_checkpoint(tmp_path / "m", tokenizer=tokenizer, vocab_size=100)
+    with pytest.raises(CheckpointError, match="does not belong"):
+        Engine.load(str(folder))
+
+
+def test_padding_vocabulary_rows_are_never_sampled(tmp_path, tokenizer):
+    vocab = tokenizer.get_vocab_size()
+    cfg = tiny_config(vocab_size=vocab + 20)
+    state = random_state(cfg)
+    # Make the padding rows irresistible: a correct engine still never picks them.
+    state["transformer.ln_f.weight"].zero_()
+    bias = state["transformer.ln_f.bias"]
+    state["transformer.wte.weight"][vocab:] = 50 * bias
+    folder = write_checkpoint(tmp_path / "m", tokenizer=tokenizer, state=state, vocab_size=vocab + 20)
+    engine = Engine.load(str(folder))
+    assert engine.logits([5, 6]).argmax(-1).min().item() >= vocab  # the raw model prefers padding
+    out = engine.generate([5, 6], max_new_tokens=10, temperature=0.7, seed=1, stop_at_eos=False)
+    assert max(out) < vocab
+
+
+def test_dtype_device_and_backend_selection():
+    cpu = torch.device("cpu")
+    assert select_backend("auto", cpu, torch.float32) == "sdpa"
+    assert select_backend("eager", cpu, torch.bfloat16) == "eager"
+    with pytest.raises(BackendError, match="CUDA"):
+        select_backend("flash", cpu, torch.bfloat16)
+    with pytest.raises(BackendError, match="unknown attention"):
+        select_backend("fast", cpu, torch.float32)
+    from santacli.weights import choose_device, choose_dtype
+
+    assert choose_dtype(None, cpu) == torch.float32
+    assert choose_dtype("bfloat16", cpu) == torch.bfloat16
+    with pytest.raises(BackendError):
+        choose_dtype("int3", cpu)
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendError, match="no CUDA"):
+            choose_device("cuda")
+
+
+def test_config_validation():
+    base = tiny_config()
+    assert ModelConfig.from_dict({**base, "hidden_size": 32, "n_embd": None} | {"n_embd": 32}).n_embd == 32
+    alias = {k: v for k, v in base.items() if k not in ("n_embd", "n_layer", "n_head", "n_positions")}
+    alias |= {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 128}
+    assert ModelConfig.from_dict(alias).n_layer == 2
+    for bad, match in (({"activation_function": "swish9"}, "activation_function"),
+                       ({"model_type": "llama"}, "llama"),
+                       ({"n_head": 5}, "divisible"),
+                       ({"multi_query": "yes"}, "multi_query"),
+                       ({"add_cross_attention": True}, "cross")):
+        with pytest.raises(ConfigError, match=match):
+            ModelConfig.from_dict({**base, **bad})
+
+
+def test_unknown_model_names(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="unknown model"):
+        Engine.load("definitely not a model")
+    with pytest.raises(ModelNotFoundError, match="unknown model"):
+        Engine.load(str(tmp_path / "nowhere"))
