@@ -21,7 +21,7 @@ ALLOWED = {
     "weights": {"errors", "config", "model", "catalog"},
     "generate": {"errors", "model"},
     "promptcache": {"model"},
-    "engine": {"errors", "config", "model", "weights", "tokenizer", "fim", "generate", "promptcache"},
+    "engine": {"errors", "config", "model", "weights", "tokenizer", "fim", "generate", "promptcache", "quantize"},
     "remote": {"errors", "config", "weights", "tokenizer", "fim", "engine", "generate"},
     "quantize": {"errors", "model"},
 }

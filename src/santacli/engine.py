@@ -19,6 +19,7 @@ from santacli.errors import CheckpointError, UsageError
 from santacli.generate import SamplingParams, TokenStream
 from santacli.model import GPTBigCode, KVCache, select_backend
 from santacli.promptcache import PromptCache
+from santacli.quantize import check_quantization, quantize_int8
 from santacli.tokenizer import Tokenizer
 
 
@@ -31,6 +32,7 @@ class LoadInfo:
     device: str
     dtype: str
     attention: str
+    quantize: str
     load_seconds: float
 
 
@@ -46,7 +48,7 @@ class Engine:
 
     @classmethod
     def load(cls, model: str, *, device: str | None = None, dtype: str | None = None,
-             attention: str = "auto", allow_download: bool = True) -> Engine:
+             attention: str = "auto", quantize: str | None = None, allow_download: bool = True) -> Engine:
         """Load a model by folder, alias or hub id.
 
         Args:
@@ -55,6 +57,7 @@ class Engine:
             device: ``cpu``, ``cuda``, ``cuda:N`` or None/``auto``.
             dtype: ``float32``, ``bfloat16``, ``float16`` or None/``auto`` (fp32 on CPU, bf16 on CUDA).
             attention: ``auto``, ``flash``, ``sdpa`` or ``eager``.
+            quantize: None/``none`` or ``int8`` (CPU: int8 weights, per-channel scales).
 
         Raises:
             ModelNotFoundError, ConfigError, CheckpointError, BackendError.
@@ -63,6 +66,7 @@ class Engine:
         dev = weights.choose_device(device)
         torch_dtype = weights.choose_dtype(dtype, dev)
         backend = select_backend(attention, dev, torch_dtype)
+        quant = check_quantization(quantize, dev, torch_dtype)
         folder = weights.resolve_model(model, allow_download=allow_download)
         config = ModelConfig.from_file(folder / "config.json")
         tokenizer = Tokenizer.from_file(folder / "tokenizer.json")
@@ -72,8 +76,10 @@ class Engine:
                 f"{config.vocab_size} embeddings; tokenizer.json does not belong to this model"
             )
         net = weights.load_model(folder, config, device=dev, dtype=torch_dtype, backend=backend)
+        if quant == "int8":
+            net = quantize_int8(net)
         info = LoadInfo(name=model, folder=folder, device=str(dev), dtype=str(torch_dtype).removeprefix("torch."),
-                        attention=backend, load_seconds=time.perf_counter() - started)
+                        attention=backend, quantize=quant, load_seconds=time.perf_counter() - started)
         return cls(net, tokenizer, info)
 
     @property

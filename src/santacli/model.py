@@ -185,6 +185,21 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype) -> 
 # ---------------------------------------------------------------------------------------------
 # Modules
 
+# CPUs without native 16-bit matrix units run bf16/fp16 GEMMs several times slower than fp32, so
+# prompt-sized projections upcast to fp32; one-token decode steps stay 16-bit (memory-bound, so
+# half the bytes is twice the speed).
+UPCAST_MIN_TOKENS = 8
+
+
+def project(layer: nn.Module, x: Tensor) -> Tensor:
+    """Apply a linear layer; 16-bit weights on CPU compute prompt-sized inputs in fp32."""
+    weight = getattr(layer, "weight", None)
+    if (isinstance(weight, Tensor) and weight.dtype in (torch.bfloat16, torch.float16)
+            and x.device.type == "cpu" and x.shape[-2] >= UPCAST_MIN_TOKENS):
+        bias = layer.bias.float() if getattr(layer, "bias", None) is not None else None
+        return F.linear(x.float(), weight.float(), bias).to(x.dtype)
+    return layer(x)
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
@@ -205,7 +220,7 @@ class Attention(nn.Module):
                 cache: tuple[Tensor, Tensor] | None) -> Tensor:
         B, T, d = x.shape
         nh, hd = self.n_head, self.head_dim
-        qkv = self.c_attn(x)
+        qkv = project(self.c_attn, x)
         if self.multi_query:
             # Columns: [query (nh*hd) | key (hd) | value (hd)].
             q, k, v = qkv.split((d, hd, hd), dim=-1)
@@ -222,7 +237,7 @@ class Attention(nn.Module):
             k = cache_k[:, :, : q_start + T]
             v = cache_v[:, :, : q_start + T]
         y = attend(q, k, v, q_start, self.math)  # (B, nh, T, hd)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, d))
+        return project(self.c_proj, y.transpose(1, 2).reshape(B, T, d))
 
 
 class MLP(nn.Module):
@@ -233,7 +248,7 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[config.activation_function]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.c_proj(self.act(self.c_fc(x)))
+        return project(self.c_proj, self.act(project(self.c_fc, x)))
 
 
 class Block(nn.Module):
@@ -307,4 +322,4 @@ class GPTBigCode(nn.Module):
             x = block(x, start_pos, self._attend, layer_cache)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.transformer.ln_f(x))
+        return project(self.lm_head, self.transformer.ln_f(x))

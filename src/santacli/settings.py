@@ -38,6 +38,7 @@ class Settings:
     device: str | None = None
     dtype: str | None = None
     attention: str = "auto"
+    quantize: str | None = None
     max_tokens: int = 128
     temperature: float = 0.0
     top_p: float = 1.0
