@@ -249,7 +249,7 @@ def test_ctrl_c_exits_130_and_leaves_file(tiny_checkpoint, tmp_path):
     time.sleep(5)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert b"Traceback" not in err and err.strip().endswith(b"interrupted")
     assert target.read_bytes() == before

@@ -3,6 +3,8 @@ stop rules and post-processing."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -169,9 +171,10 @@ def test_prompt_fits_and_keeps_sentinels(santacoder_tokenizer, prefix, suffix, m
     assert len(prompt.ids) + max_tokens <= n_positions
     if suffix:
         f = tok.fim
-        assert [i for i in prompt.ids if i in tok.special_ids] == (
-            [f.prefix, f.suffix, f.middle] if fim_mode == "psm" else [f.prefix, f.suffix, f.middle])
-        assert prompt.ids[0] == f.prefix
+        p_ids, s_ids = tok.encode(prompt.prefix), tok.encode(prompt.suffix)
+        expected = ([f.prefix, *p_ids, f.suffix, *s_ids, f.middle] if fim_mode == "psm"
+                    else [f.prefix, f.suffix, *s_ids, f.middle, *p_ids])
+        assert prompt.ids == expected
     assert (prefix or "x").endswith(prompt.prefix) and suffix.startswith(prompt.suffix)
 
 
@@ -268,7 +271,7 @@ def test_indentation_follows_file_style():
        eos=st.booleans())
 def test_streamed_chunks_add_up_to_final_text(text, cuts, mode, suffix, eos):
     bounds = sorted({0, len(text), *[c for c in cuts if c <= len(text)]})
-    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
     f = CompletionFilter(mode, prefix="def f(x):\n    ", suffix=suffix, stops=["##"])
     out = ""
     for piece in pieces:

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 import torch
-from checkpoints import random_state, tiny_config, write_checkpoint
 from safetensors.torch import save_file
 
+from checkpoints import random_state, tiny_config, write_checkpoint
 from santacli import Engine
 from santacli.config import ModelConfig
 from santacli.errors import BackendError, CheckpointError, ConfigError, ModelNotFoundError
@@ -126,10 +126,10 @@ def test_missing_shard_and_missing_config(tmp_path, tiny_checkpoint):
     folder = tmp_path / "idx"
     shutil.copytree(tiny_checkpoint, folder)
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
-    with pytest.raises(CheckpointError, match="gone.safetensors"):
+    with pytest.raises(CheckpointError, match=r"gone\.safetensors"):
         Engine.load(str(folder))
     (folder / "config.json").unlink()
-    with pytest.raises(ConfigError, match="config.json"):
+    with pytest.raises(ConfigError, match=r"config\.json"):
         Engine.load(str(folder))
 
 
@@ -158,7 +158,7 @@ def test_dtype_device_and_backend_selection():
     cpu = torch.device("cpu")
     assert select_backend("auto", cpu, torch.float32) == "sdpa"
     assert select_backend("eager", cpu, torch.bfloat16) == "eager"
-    with pytest.raises(BackendError, match="CUDA"):
+    with pytest.raises(BackendError, match=r"needs a CUDA"):
         select_backend("flash", cpu, torch.bfloat16)
     with pytest.raises(BackendError, match="unknown attention"):
         select_backend("fast", cpu, torch.float32)

@@ -126,12 +126,15 @@ def load_engine(model: str | None, device: str | None, dtype: str | None, attent
 
     _hint_if_bundled(settings, model)
     name = model or settings.resolved_model
-    kwargs = dict(device=device or settings.device, dtype=dtype or settings.dtype,
-                  attention=attention or settings.attention, quantize=quantize or settings.quantize)
+
+    def load() -> Engine:
+        return Engine.load(name, device=device or settings.device, dtype=dtype or settings.dtype,
+                           attention=attention or settings.attention, quantize=quantize or settings.quantize)
+
     if err.is_terminal and not _state["quiet"]:
         with err.status(f"Loading {name}…", spinner="dots"):
-            return Engine.load(name, **kwargs)
-    return Engine.load(name, **kwargs)
+            return load()
+    return load()
 
 
 def _engine_for(common: Common, settings: Settings) -> Any:
@@ -511,7 +514,10 @@ def main(argv: list[str] | None = None) -> int:
         message = exc.format_message()  # type: ignore[attr-defined]
         err.print(f"santa: error: {message}", markup=False, highlight=False, soft_wrap=True)
         return int(getattr(exc, "exit_code", 2))
-    except (KeyboardInterrupt, *aborts):
+    except KeyboardInterrupt:
+        err.print("santa: interrupted", markup=False)
+        return 130
+    except aborts:
         err.print("santa: interrupted", markup=False)
         return 130
     except BrokenPipeError:

@@ -18,6 +18,7 @@ from santacli.config import ModelConfig
 from santacli.errors import CheckpointError, UsageError
 from santacli.generate import SamplingParams, TokenStream
 from santacli.model import GPTBigCode, KVCache, select_backend
+from santacli.fim import Truncation
 from santacli.promptcache import PromptCache
 from santacli.quantize import check_quantization, quantize_int8
 from santacli.tokenizer import Tokenizer
@@ -84,7 +85,7 @@ class Engine:
 
     @property
     def device(self) -> torch.device:
-        return self.model.transformer.wte.weight.device
+        return self.model.device
 
     def _check_ids(self, ids: list[int]) -> None:
         if not ids:
@@ -244,7 +245,7 @@ class CompletionResult:
     time_to_first_token: float
     tokens_per_second: float
     elapsed: float
-    truncation: fim.Truncation
+    truncation: Truncation
     model: str
 
     @property

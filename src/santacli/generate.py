@@ -96,7 +96,7 @@ class TokenStream:
         self._done = [False] * n
         self._generator: torch.Generator | None = None
         if not sampling.greedy:
-            self._generator = torch.Generator(device=model.transformer.wte.weight.device)
+            self._generator = torch.Generator(device=model.device)
             if sampling.seed is not None:
                 self._generator.manual_seed(sampling.seed)
             else:
@@ -117,7 +117,7 @@ class TokenStream:
 
     @torch.inference_mode()
     def __iter__(self) -> Iterator[list[int | None]]:
-        model, cache, device = self.model, self.cache, self.model.transformer.wte.weight.device
+        model, cache, device = self.model, self.cache, self.model.device
         start = self.reused
         tail = torch.tensor([self.prompt_ids[start:]], dtype=torch.long, device=device)
         logits = model(tail, start_pos=start, cache=cache, last_only=True)

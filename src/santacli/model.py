@@ -13,6 +13,7 @@ import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -199,8 +200,8 @@ def project(layer: nn.Module, x: Tensor) -> Tensor:
     weight = getattr(layer, "weight", None)
     if (isinstance(weight, Tensor) and weight.dtype in (torch.bfloat16, torch.float16)
             and x.device.type == "cpu" and x.shape[-2] >= UPCAST_MIN_TOKENS):
-        bias = layer.bias.float() if getattr(layer, "bias", None) is not None else None
-        return F.linear(x.float(), weight.float(), bias).to(x.dtype)
+        bias = getattr(layer, "bias", None)
+        return F.linear(x.float(), weight.float(), bias.float() if isinstance(bias, Tensor) else None).to(x.dtype)
     return layer(x)
 
 
@@ -284,8 +285,29 @@ class GPTBigCode(nn.Module):
         self.tie_weights()
         self.backend = backend
 
+    # Typed views of the checkpoint-named submodules (ModuleDict access is untyped).
+    @property
+    def wte(self) -> nn.Embedding:
+        return cast(nn.Embedding, self.transformer["wte"])
+
+    @property
+    def wpe(self) -> nn.Embedding:
+        return cast(nn.Embedding, self.transformer["wpe"])
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return cast(nn.ModuleList, self.transformer["h"])
+
+    @property
+    def ln_f(self) -> nn.LayerNorm:
+        return cast(nn.LayerNorm, self.transformer["ln_f"])
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
     def tie_weights(self) -> None:
-        self.lm_head.weight = self.transformer.wte.weight
+        self.lm_head.weight = self.wte.weight
 
     @property
     def backend(self) -> str:
@@ -299,7 +321,7 @@ class GPTBigCode(nn.Module):
         self._attend = _BACKEND_FNS[name]
 
     def new_cache(self, *, batch: int = 1, max_len: int | None = None) -> KVCache:
-        weight = self.transformer.wte.weight
+        weight = self.wte.weight
         length = self.config.n_positions if max_len is None else min(max_len, self.config.n_positions)
         return KVCache(self.config, batch=batch, max_len=length, dtype=weight.dtype, device=weight.device)
 
@@ -319,10 +341,10 @@ class GPTBigCode(nn.Module):
                 f"{end} tokens exceed the context length of this model ({limit} positions)"
             )
         # Learned positions: a slice of wpe, so no position tensor is built per step.
-        x = self.transformer.wte(input_ids) + self.transformer.wpe.weight[start_pos:end]
-        for i, block in enumerate(self.transformer.h):
+        x = self.wte(input_ids) + self.wpe.weight[start_pos:end]
+        for i, block in enumerate(self.blocks):
             layer_cache = (cache.k[i, :B], cache.v[i, :B]) if cache is not None else None
             x = block(x, start_pos, self._attend, layer_cache)
         if last_only:
             x = x[:, -1:]
-        return project(self.lm_head, self.transformer.ln_f(x))
+        return project(self.lm_head, self.ln_f(x))

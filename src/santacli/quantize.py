@@ -45,7 +45,7 @@ def quantize_int8(model: GPTBigCode) -> GPTBigCode:
     torch.backends.quantized.engine = "fbgemm"
     # lm_head shares wte's weight; give it its own module so only the projection is quantized.
     head = nn.Linear(model.config.n_embd, model.config.vocab_size, bias=False)
-    head.weight = model.transformer.wte.weight
+    head.weight = model.wte.weight
     model.lm_head = head
     targets = [(parent, name, child) for parent in model.modules()
                for name, child in parent.named_children() if type(child) is nn.Linear]
@@ -54,7 +54,7 @@ def quantize_int8(model: GPTBigCode) -> GPTBigCode:
         # int8 CPU matmul in core PyTorch; silence the notice rather than the user's terminal.
         warnings.simplefilter("ignore")
         for parent, name, child in targets:
-            child.qconfig = per_channel_dynamic_qconfig
+            child.qconfig = per_channel_dynamic_qconfig  # type: ignore[assignment]
             setattr(parent, name, DynamicInt8Linear.from_float(child))
             del child
     return model

@@ -53,6 +53,10 @@ class Settings:
         return self.model or BUNDLED_ALIAS
 
 
+# Accepted TOML value types per field annotation ("str | None" counts as str).
+_TOML_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,)}
+
+
 def load_settings(path: Path | None = None) -> Settings:
     """Read the config file (missing is fine) and SANTA_MODEL.
 
@@ -70,9 +74,8 @@ def load_settings(path: Path | None = None) -> Settings:
         for key, value in data.items():
             if key not in known:
                 raise UsageError(f"{path}: unknown setting {key!r}; known: {', '.join(known)}")
-            expected = {"int": int, "float": (int, float), "bool": bool}.get(
-                str(known[key].type).split(" ")[0], str)
-            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            expected = _TOML_TYPES.get(str(known[key].type).split(" ")[0], (str,))
+            if not isinstance(value, expected) or (int in expected and isinstance(value, bool)):
                 raise UsageError(f"{path}: setting {key!r} has the wrong type ({value!r})")
             values[key] = value
     env_model = os.environ.get("SANTA_MODEL")
