@@ -34,6 +34,7 @@ class Job:
     model: Path
     server: str  # "" = CLI only
     state: Path  # the script writes state, last error and suggestion here
+    edit_while_waiting: bool = False  # change line 1 right after asking: the reply must be dropped
 
 
 def _q(value: object) -> str:
@@ -53,6 +54,7 @@ let g:santa_args = ['--device', 'cpu']
 edit {job.file}
 call cursor({job.line}, {job.col})
 call santa#complete()
+{"call setline(1, '# edited')" if job.edit_while_waiting else ""}
 let i = 0
 while santa#state() ==# 'running' && i < 500
   sleep 50m
@@ -74,6 +76,7 @@ santa.setup({{ command = {_q(SANTA)}, model = {_q(job.model)}, server = {_q(job.
 vim.cmd("edit " .. {_q(job.file)})
 vim.api.nvim_win_set_cursor(0, {{ {job.line}, {job.col - 1} }})
 santa.complete()
+{'vim.api.nvim_buf_set_lines(0, 0, 1, false, { "# edited" })' if job.edit_while_waiting else ""}
 vim.wait(25000, function() return santa.state() ~= "running" end, 50)
 vim.fn.writefile({{ santa.state(), santa.last_error or "", vim.fn.json_encode(santa.suggestion()) }}, {_q(job.state)})
 santa.accept()
@@ -94,6 +97,7 @@ def elisp_script(job: Job) -> str:
 (forward-line {job.line - 1})
 (forward-char {job.col - 1})
 (santa-complete)
+{'(save-excursion (goto-char (point-min)) (delete-region (point) (line-end-position)) (insert "# edited"))' if job.edit_while_waiting else ""}
 (let ((deadline (+ (float-time) 25)))
   (while (and (eq (santa-state) 'running) (< (float-time) deadline))
     (accept-process-output nil 0.05)))
@@ -160,12 +164,21 @@ def santa_cli() -> None:
         pytest.skip("the santa console script is not installed in this environment")
 
 
-@pytest.mark.parametrize("editor", list(EDITORS))
-def test_accepts_cli_completion(editor: str, santa_cli: None, tiny_checkpoint: Path, tmp_path: Path) -> None:
-    line, col = 2, 12  # mid-line, after "return "
-    prefix, suffix = split_at(TEXT, line, col)
-    expected = cli_completion(tiny_checkpoint, prefix, suffix)
+CLI_CURSOR = (2, 12)  # mid-line, after "return "
+
+
+@pytest.fixture(scope="module")
+def cli_expected(santa_cli: None, tiny_checkpoint: Path) -> str:
+    expected = cli_completion(tiny_checkpoint, *split_at(TEXT, *CLI_CURSOR))
     assert expected, "the tiny model should suggest something here"
+    return expected
+
+
+@pytest.mark.parametrize("editor", list(EDITORS))
+def test_accepts_cli_completion(editor: str, cli_expected: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    line, col = CLI_CURSOR
+    prefix, suffix = split_at(TEXT, line, col)
+    expected = cli_expected
     file = tmp_path / "prog.py"
     file.write_text(TEXT)
     # a server URL where nothing listens: the plugin must fall back to the CLI
@@ -202,7 +215,7 @@ class FakeHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append({"path": self.path, **body})
+        self.server.requests.append({"url_path": self.path, **body})
         text = self.server.completion
         self._reply(200, {"completion": text, "candidates": [text], "stop_reason": "eos", "mode": "block",
                           "tokens": {"prompt": 10, "generated": 5}, "timings": {}, "truncated": {}, "model": "fake"})
@@ -239,6 +252,66 @@ def test_accepts_server_completion(editor: str, fake_server: FakeServer, tmp_pat
     assert json.loads(suggestion) == FakeServer.completion
     assert file.read_text() == prefix + FakeServer.completion + suffix
     [request] = fake_server.requests
-    assert request["path"] == "/infill"
+    assert (request["url_path"], request["path"]) == ("/infill", "prog.py")
     assert (request["prefix"], request["suffix"]) == (prefix, suffix)
     assert request["max_tokens"] == MAX_TOKENS
+
+
+@pytest.mark.parametrize("editor", list(EDITORS))
+def test_drops_a_reply_for_changed_text(editor: str, fake_server: FakeServer, tmp_path: Path) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    file = tmp_path / "prog.py"
+    file.write_text(TEXT)
+    url = f"http://127.0.0.1:{fake_server.server_address[1]}"
+    job = Job(file, 2, 12, tmp_path / "no-model", url, tmp_path / "state.txt", edit_while_waiting=True)
+    state, error, suggestion = run_editor(EDITORS[editor], job, tmp_path)[:3]
+    assert len(fake_server.requests) == 1  # the request went out ...
+    assert (state, error, json.loads(suggestion)) == ("idle", "", "")  # ... but nothing is shown
+    assert file.read_text() == "# edited\n    return a + b\n"  # and accept inserts nothing
+
+
+@pytest.fixture(scope="module")
+def real_server(santa_cli: None, tiny_checkpoint: Path) -> Iterator[str]:
+    """`santa serve` on the tiny checkpoint; skips while the server cannot start."""
+    import time
+    import urllib.request
+
+    port = _dead_port()
+    proc = subprocess.Popen([str(SANTA), "serve", "--model", str(tiny_checkpoint), "--device", "cpu",
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 25
+        while True:
+            if proc.poll() is not None:
+                pytest.skip(f"santa serve did not start: {proc.stderr.read().decode()[-300:] if proc.stderr else ''}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1) as reply:
+                    if json.load(reply).get("status") == "ok":
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.skip("santa serve did not answer /health in time")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("editor", ["vim", "nvim-lua", "emacs"])
+def test_accepts_real_server_completion(editor: str, real_server: str, cli_expected: str, tmp_path: Path) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    line, col = CLI_CURSOR
+    prefix, suffix = split_at(TEXT, line, col)
+    file = tmp_path / "prog.py"
+    file.write_text(TEXT)
+    # a CLI fallback would fail on this model path, so a pass means the server answered
+    job = Job(file, line, col, tmp_path / "no-model", real_server, tmp_path / "state.txt")
+    state, error, suggestion = run_editor(EDITORS[editor], job, tmp_path)[:3]
+    assert (state, error) == ("shown", ""), (state, error)
+    assert json.loads(suggestion) == cli_expected  # greedy: the server and the CLI agree
+    assert file.read_bytes().decode() == prefix + cli_expected + suffix

@@ -460,6 +460,8 @@ def repl(
     fim_mode: FimMode = None, device: Device = None, dtype: Dtype = None, attention: Attention = None,
     quantize: Quantize = None,
     marker: Annotated[str, typer.Option(help="Cursor marker for infill.")] = "<CURSOR>",
+    history: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="History file [default: santa/history in the platform data dir].")] = None,
 ) -> None:
     """An interactive session that keeps the model loaded: type code, get completions."""
     from santacli import repl as repl_mod
@@ -469,7 +471,7 @@ def repl(
                     mode, fim_mode, None, False, None, "santa")
     opts = common.options(settings, None)
     engine = load_engine(model, device, dtype, attention, settings, quantize)
-    repl_mod.run(engine, opts, marker=marker)
+    repl_mod.run(engine, opts, marker=marker, history_file=history)
 
 
 # ---------------------------------------------------------------------------------------------

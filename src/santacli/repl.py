@@ -4,8 +4,8 @@ Typed code is completed (or, when it holds the cursor marker, infilled) and the 
 streamed to the terminal, then shown syntax-highlighted. A working buffer collects accepted
 completions so a session can grow a file piece by piece.
 
-Keys: Enter runs the input; Esc Enter (Alt-Enter) or Ctrl-J inserts a newline, and pasted text
-keeps its newlines; Tab indents (or completes a ``:command``); Up/Down and Ctrl-R walk the
+Keys: Enter runs the input; Esc Enter (Alt-Enter) inserts a newline, and pasted text keeps its
+newlines; Tab indents (or completes a ``:command``); Up/Down and Ctrl-R walk the
 history, which is saved across sessions; Ctrl-C clears the input or cancels a running
 generation; Ctrl-D on an empty line quits.
 
@@ -20,6 +20,7 @@ import ast
 import dataclasses
 import shlex
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -29,6 +30,11 @@ from typing import TYPE_CHECKING, Any
 
 from santacli import fim
 from santacli.errors import InputError, SantaError, UsageError
+
+try:
+    import termios
+except ImportError:  # Windows
+    termios = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:  # the engine module imports torch; only its types are needed here
     from prompt_toolkit.document import Document
@@ -65,7 +71,7 @@ def parse_command(line: str) -> Command | None:
     """A ``:command`` line, or None when the input is code to complete.
 
     Only single-line input that starts with ``:`` and a letter (or ``:?``) is a command; so a
-    pasted block of code is never taken for one.
+    pasted block of code is never taken for one. Unambiguous prefixes work (``:acc``).
 
     Raises:
         UsageError: an unknown command name.
@@ -79,7 +85,11 @@ def parse_command(line: str) -> Command | None:
     name = name.lower()
     name = ALIASES.get(name, name)
     if name not in COMMANDS:
-        raise UsageError(f"unknown command :{name}; :help lists the commands")
+        # like Vim, any unambiguous prefix will do (:acc, :st)
+        matches = [c for c in COMMANDS if c.startswith(name)]
+        if len(matches) != 1:
+            raise UsageError(f"unknown command :{name}; :help lists the commands")
+        name = matches[0]
     return Command(name, arg.strip())
 
 
@@ -318,7 +328,7 @@ def help_text(marker: str) -> str:
     lines = [f"  {usage.ljust(width)}  {text}" for usage, text in COMMANDS.values()]
     return "\n".join([
         "Type code and press Enter to complete it. Put " + marker + " in it to fill in the middle there.",
-        "Esc Enter / Alt-Enter / Ctrl-J: newline · Tab: indent · Up/Down, Ctrl-R: history",
+        "Esc Enter / Alt-Enter: newline · Tab: indent · Up/Down, Ctrl-R: history",
         "Ctrl-C: clear the input or cancel a generation · Ctrl-D: quit",
         "",
         *lines,
@@ -336,24 +346,40 @@ def default_history_file() -> Path:
 # -- terminal UI ------------------------------------------------------------------------------
 
 
-class _Cancel:
-    """While active, Ctrl-C cancels the running stream instead of raising KeyboardInterrupt, so
-    the engine stops cleanly at the next token and keeps its prompt cache consistent."""
+class _Generating:
+    """While a completion streams: Ctrl-C cancels it instead of raising KeyboardInterrupt (so the
+    engine stops cleanly at the next token and its prompt cache stays consistent), and keys typed
+    ahead are not echoed into the output; they wait for the next prompt instead."""
 
     def __init__(self, cancel: Callable[[], None]) -> None:
         self._cancel = cancel
         self._previous: Any = None
+        self._tty: list[Any] | None = None
         self.requested = False
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
         self._cancel()
 
-    def __enter__(self) -> _Cancel:
+    def __enter__(self) -> _Generating:
         self._previous = signal.signal(signal.SIGINT, self._handler)
+        if termios is not None:
+            try:
+                fd = sys.stdin.fileno()
+                self._tty = termios.tcgetattr(fd)
+                quiet = termios.tcgetattr(fd)
+                quiet[3] &= ~termios.ECHO  # lflag; ISIG stays on for Ctrl-C
+                termios.tcsetattr(fd, termios.TCSANOW, quiet)
+            except (termios.error, OSError, ValueError):  # stdin is not a terminal
+                self._tty = None
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if termios is not None and self._tty is not None:
+            try:
+                termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, self._tty)
+            except (termios.error, OSError, ValueError):
+                pass
         signal.signal(signal.SIGINT, self._previous)
 
 
@@ -407,12 +433,13 @@ class Repl:
 
         keys = KeyBindings()
 
+        # c-j too: lines typed ahead while the model loads arrive with Enter already turned into \n
         @keys.add("enter")
+        @keys.add("c-j")
         def _submit(event: KeyPressEvent) -> None:
             event.current_buffer.validate_and_handle()
 
         @keys.add("escape", "enter")
-        @keys.add("c-j")
         def _newline(event: KeyPressEvent) -> None:
             event.current_buffer.newline(copy_margin=True)  # keep the indentation
 
@@ -420,7 +447,7 @@ class Repl:
         def _tab(event: KeyPressEvent) -> None:
             buffer = event.current_buffer
             if buffer.text.startswith(":"):
-                buffer.start_completion(select_first=False)
+                buffer.start_completion(select_first=False, insert_common_part=True)
             else:
                 buffer.insert_text("    ")
 
@@ -484,7 +511,7 @@ class Repl:
             return
         stream = self.engine.infill(prefix, suffix, self.session.options)
         shown = ""
-        with _Cancel(stream.cancel) as cancel, \
+        with _Generating(stream.cancel) as cancel, \
                 Live(Text(""), console=self.console, auto_refresh=False, transient=True,
                      vertical_overflow="crop") as live:
             last_refresh = 0.0
@@ -617,5 +644,9 @@ def run(engine: Engine, options: CompletionOptions, *, history_file: Path | None
     """
     if not marker:
         raise UsageError("the cursor marker must not be empty")
+    try:
+        import prompt_toolkit  # noqa: F401  (an optional extra: say so before the session starts)
+    except ImportError:
+        raise SantaError("santa repl needs prompt_toolkit: pip install 'santacli[repl]'") from None
     session = Session(options=options, marker=marker)
     Repl(engine, session, history_file=history_file or default_history_file(), console=console).loop()
