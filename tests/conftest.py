@@ -8,8 +8,8 @@ from pathlib import Path
 # one thread keeps the suite fast and steady (subprocesses inherit the variable).
 os.environ["OMP_NUM_THREADS"] = "1"
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 torch.set_num_threads(1)
 

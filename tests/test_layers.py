@@ -27,7 +27,7 @@ ALLOWED = {
 }
 # Third-party packages that only certain modules may import.
 OWNERS = {"huggingface_hub": {"weights"}, "safetensors": {"weights"}, "tokenizers": {"tokenizer"},
-          "flash_attn": {"model"}, "typer": FRONT_ENDS, "rich": FRONT_ENDS, "fastapi": {"server"},
+          "flash_attn": {"model"}, "typer": FRONT_ENDS, "rich": FRONT_ENDS, "fastapi": {"server"}, "starlette": {"server"},
           "uvicorn": {"server"}, "prompt_toolkit": {"repl"}, "transformers": set()}
 
 

@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 import torch
-from checkpoints import write_checkpoint
 
+from checkpoints import write_checkpoint
 from santacli import Engine
 from santacli.config import SUPPORTED_ACTIVATIONS
 

@@ -190,6 +190,13 @@ def test_tgi_routes_with_httpx(http: httpx.Client, reference: Engine) -> None:
     assert events[-1]["generated_text"] == want
     full = http.post("/generate", json={**body, "parameters": {"max_new_tokens": 16, "return_full_text": True}})
     assert full.json()["generated_text"] == prompt + want
+    # TGI keeps the text up to and including the stop string.
+    if len(want) >= 4:
+        stop = want[2:4]
+        stopped = http.post("/generate", json={"inputs": prompt, "parameters": {
+            "max_new_tokens": 16, "stop": [stop], "details": True}}).json()
+        assert stop in stopped["generated_text"] and want.startswith(stopped["generated_text"])
+        assert stopped["details"]["finish_reason"] == "stop_sequence"
     # TGI's error shape, which huggingface_hub turns into its ValidationError.
     bad = http.post("/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 0}})
     assert bad.status_code == 422
@@ -262,6 +269,7 @@ def test_auth(base_url: str) -> None:
     ("/infill", b'{"prefix": "x", "temperature": -1}', 422),
     ("/infill", b'{"prefix": "x", "n": 99}', 422),
     ("/infill", b'{"prefix": "x", "stop": [1]}', 422),
+    ("/infill", b'{"prefix": "x", "seed": -1}', 422),
     ("/v1/completions", b'{"prompt": "x", "max_tokens": 1000}', 422),
     ("/v1/completions", b'{"prompt": ["a", "b"]}', 422),
     ("/v1/completions", b'{"prompt": "x", "echo": true}', 422),

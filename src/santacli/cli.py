@@ -144,7 +144,8 @@ def _engine_for(common: Common, settings: Settings) -> Any:
         if common.api not in ("santa", "tgi", "openai"):
             raise UsageError(f"--api must be santa, tgi or openai, got {common.api!r}")
         _hint_if_bundled(settings, common.model)
-        return RemoteEngine(common.endpoint, api=common.api, model=common.model or settings.resolved_model)
+        return RemoteEngine(common.endpoint, api=common.api, model=common.model or settings.resolved_model,
+                            api_key=os.environ.get("SANTA_API_KEY"))
     return load_engine(common.model, common.device, common.dtype, common.attention, settings, common.quantize)
 
 

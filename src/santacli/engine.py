@@ -16,9 +16,9 @@ from torch import Tensor
 from santacli import fim, weights
 from santacli.config import ModelConfig
 from santacli.errors import CheckpointError, UsageError
+from santacli.fim import Truncation
 from santacli.generate import SamplingParams, TokenStream
 from santacli.model import GPTBigCode, KVCache, select_backend
-from santacli.fim import Truncation
 from santacli.promptcache import PromptCache
 from santacli.quantize import check_quantization, quantize_int8
 from santacli.tokenizer import Tokenizer
@@ -102,12 +102,27 @@ class Engine:
         return self.model(x)[0].float()
 
     def stream_ids(self, ids: list[int], *, max_new_tokens: int, sampling: SamplingParams,
-                   n: int = 1, stop_ids: frozenset[int] | None = None) -> TokenStream:
-        """A KV-cached token stream for ``n`` candidates sharing one prefill."""
+                   n: int = 1, stop_ids: frozenset[int] | None = None,
+                   use_prompt_cache: bool = False) -> TokenStream:
+        """A KV-cached token stream for ``n`` candidates sharing one prefill.
+
+        With ``use_prompt_cache`` the stream starts from the warm cache entry that shares the
+        longest token prefix with ``ids``; hand it back with :meth:`keep_prompt` when done.
+        """
         self._check_ids(ids)
         stops = self.tokenizer.sentinel_ids if stop_ids is None else stop_ids
+        needed = len(ids) + max_new_tokens
+        cache, reuse = None, 0
+        if use_prompt_cache and needed <= self.config.n_positions:
+            cache, reuse = self.prompt_cache.take(ids, batch=n, max_len=needed)
+            if cache is None:
+                cache = self.new_cache(batch=n, needed=needed)
         return TokenStream(self.model, ids, max_new_tokens=max_new_tokens, sampling=sampling,
-                           stop_ids=stops, valid_vocab=self.tokenizer.vocab_size, n=n)
+                           stop_ids=stops, valid_vocab=self.tokenizer.vocab_size, n=n, cache=cache, reuse=reuse)
+
+    def keep_prompt(self, stream: TokenStream) -> None:
+        """Offer a stream's KV cache to the warm prompt cache (its prompt positions stay valid)."""
+        self.prompt_cache.put(stream.prompt_ids, stream.cache)
 
     def generate(self, ids: list[int], max_new_tokens: int = 32, temperature: float = 0.0, *,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
@@ -310,13 +325,8 @@ class CompletionStream:
         started = time.perf_counter()
         tok = engine.tokenizer
         sampling = SamplingParams(opts.temperature, opts.top_k, opts.top_p, opts.seed)
-        needed = len(prompt.ids) + opts.max_tokens
-        cache, reuse = engine.prompt_cache.take(prompt.ids, batch=opts.n, max_len=needed)
-        if cache is None:
-            cache = engine.new_cache(batch=opts.n, needed=needed)
-        stream = TokenStream(engine.model, prompt.ids, max_new_tokens=opts.max_tokens, sampling=sampling,
-                             stop_ids=tok.sentinel_ids, valid_vocab=tok.vocab_size, n=opts.n,
-                             cache=cache, reuse=reuse)
+        stream = engine.stream_ids(prompt.ids, max_new_tokens=opts.max_tokens, sampling=sampling, n=opts.n,
+                                   use_prompt_cache=True)
         suffix = prompt.suffix if prompt.fim else ""
         filters = [fim.CompletionFilter(self._mode, prefix=prompt.prefix, suffix=suffix, stops=opts.stop)
                    for _ in range(opts.n)]
@@ -344,13 +354,14 @@ class CompletionStream:
                     reasons = [r or "cancelled" for r in reasons]
                     break
         finally:
-            if stream.cache is not None and reuse <= len(prompt.ids):
-                engine.prompt_cache.put(prompt.ids, stream.cache)
+            engine.keep_prompt(stream)
         texts = []
         for row in range(opts.n):
             if reasons[row] is None:
                 reasons[row] = "max_tokens"
-                filters[row].feed(decoders[row].flush())
+                piece = filters[row].feed(decoders[row].flush())
+                if row == 0 and piece:
+                    yield piece
                 if filters[row].stopped:
                     reasons[row] = filters[row].stopped
             rest = filters[row].finish(ended_by_rule=reasons[row] != "eos")

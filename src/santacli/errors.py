@@ -53,3 +53,9 @@ class ContextLengthError(SantaError):
     """The prompt plus the requested output does not fit in the model's context."""
 
     exit_code = 2
+
+
+class RemoteError(SantaError):
+    """A completion server (``--endpoint``) cannot be reached, refused the request or failed."""
+
+    exit_code = 6

@@ -26,14 +26,11 @@ from typing import Any
 from santacli import fim, weights
 from santacli.config import ModelConfig
 from santacli.engine import CompletionOptions, CompletionResult
-from santacli.errors import SantaError, UsageError
-from santacli.tokenizer import FIM_FAMILIES, Tokenizer
+from santacli.errors import RemoteError, UsageError
+from santacli.tokenizer import Tokenizer
 
 APIS = ("santa", "tgi", "openai")
 
-
-class RemoteError(SantaError):
-    """The completion server cannot be reached, refused the request or failed."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +77,7 @@ class _Http:
             reason = getattr(exc, "reason", exc)
             raise RemoteError(f"cannot reach {url} ({reason}); is the server running?") from None
 
-    def _status_error(self, url: str, status: int, payload: bytes) -> SantaError:
+    def _status_error(self, url: str, status: int, payload: bytes) -> RemoteError | UsageError:
         message = _error_message(payload) or f"HTTP {status}"
         if status == 401 or status == 403:
             return RemoteError(f"{url} refused the request ({status}: {message}); check the API key "
@@ -247,22 +244,7 @@ class RemoteEngine:
         turns back into exactly ``ids``."""
         tok = self.tokenizer
         assert tok is not None
-        names: dict[int, str] = {}
-        if tok.fim is not None:
-            prefix, middle, suffix, _ = FIM_FAMILIES[tok.fim.family]
-            names = {tok.fim.prefix: prefix, tok.fim.middle: middle, tok.fim.suffix: suffix}
-        if tok.filename_id is not None:
-            names[tok.filename_id] = "<filename>"
-        parts: list[str] = []
-        run: list[int] = []
-        for token in ids:
-            if token in names:
-                parts += [tok.decode(run), names[token]]
-                run = []
-            else:
-                run.append(token)
-        parts.append(tok.decode(run))
-        text = "".join(parts)
+        text = tok.decode_with_specials(ids)
         if tok.encode_raw(text) != ids:
             raise UsageError(
                 "the input contains text that spells a special token (such as <|endoftext|> or a FIM "

@@ -38,13 +38,14 @@ from starlette.routing import Route
 
 from santacli.engine import CompletionOptions, CompletionResult, CompletionStream, Engine
 from santacli.errors import ContextLengthError, SantaError, UsageError
-from santacli.generate import SamplingParams, TokenStream
+from santacli.generate import SamplingParams
 
 log = logging.getLogger("santacli.server")
 
 OPENAI_DEFAULT_MAX_TOKENS = 16  # the OpenAI API's own default
 TGI_DEFAULT_MAX_NEW_TOKENS = 100
 MAX_STOPS = 16
+MAX_SEED = 2**63 - 1  # torch generators take a 64-bit seed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,32 +279,6 @@ class _RawResult:
     tails: list[str]  # text released only at the end (held back or flushed)
 
 
-def _cached_token_stream(engine: Engine, ids: list[int], *, max_new_tokens: int, sampling: SamplingParams,
-                         n: int) -> tuple[TokenStream, Callable[[], None]]:
-    """``engine.stream_ids`` plus the warm prompt cache, as ``CompletionStream`` uses it, so raw
-    TGI/OpenAI prompts after a small edit only recompute the changed tail. Returns the stream and
-    a callback that hands the cache back. (Belongs in Engine; see the note in the report.)"""
-    engine._check_ids(ids)
-    tok = engine.tokenizer
-    needed = len(ids) + max_new_tokens
-    if needed > engine.config.n_positions:
-        raise ContextLengthError(
-            f"prompt ({len(ids)} tokens) + max new tokens ({max_new_tokens}) exceeds the context length "
-            f"of this model ({engine.config.n_positions}); lower the token limit or shorten the input"
-        )
-    cache, reuse = engine.prompt_cache.take(ids, batch=n, max_len=needed)
-    if cache is None:
-        cache = engine.new_cache(batch=n, needed=needed)
-    stream = TokenStream(engine.model, ids, max_new_tokens=max_new_tokens, sampling=sampling,
-                         stop_ids=tok.sentinel_ids, valid_vocab=tok.vocab_size, n=n, cache=cache, reuse=reuse)
-
-    def give_back() -> None:
-        if stream.cache is not None and reuse <= len(ids):
-            engine.prompt_cache.put(ids, stream.cache)
-
-    return stream, give_back
-
-
 def _raw_work(engine: Engine, text: str, *, max_new_tokens: int, sampling: SamplingParams, n: int,
               stops: list[str], include_stop: bool, truncate: int | None = None
               ) -> Work:
@@ -317,8 +292,8 @@ def _raw_work(engine: Engine, text: str, *, max_new_tokens: int, sampling: Sampl
             ids = ids[-truncate:]
         if not ids:
             raise UsageError("the prompt is empty")
-        stream, give_back = _cached_token_stream(engine, ids, max_new_tokens=max_new_tokens,
-                                                 sampling=sampling, n=n)
+        stream = engine.stream_ids(ids, max_new_tokens=max_new_tokens, sampling=sampling, n=n,
+                                   use_prompt_cache=True)
         rows = [_RawRow() for _ in range(n)]
         decoders = [tok.stream() for _ in range(n)]
         stoppers = [_StopText(stops, include=include_stop) for _ in range(n)]
@@ -348,7 +323,7 @@ def _raw_work(engine: Engine, text: str, *, max_new_tokens: int, sampling: Sampl
                         row.finish = row.finish or "cancelled"
                     break
         finally:
-            give_back()
+            engine.keep_prompt(stream)
         for i, row in enumerate(rows):
             if row.finish is None:
                 row.finish = "length"
@@ -429,6 +404,19 @@ def _sse(data: Any) -> bytes:
 def _unsent(final: str, sent: str) -> str:
     """What a stream still owes its client of ``final`` after sending ``sent``."""
     return final[len(sent):] if final.startswith(sent) else ""
+
+
+def check_bind(host: str, *, allow_remote: bool) -> None:
+    """Refuse a non-loopback address unless explicitly allowed (before the model is loaded).
+
+    Raises:
+        UsageError: ``host`` is reachable from other machines and ``allow_remote`` is false.
+    """
+    if not _is_loopback(host) and not allow_remote:
+        raise UsageError(
+            f"refusing to listen on {host}: it is reachable from other machines; pass --allow-remote "
+            "(and set --api-key) to serve beyond this computer, or use --host 127.0.0.1"
+        )
 
 
 def _is_loopback(host: str) -> bool:
@@ -580,7 +568,7 @@ class _App:
         opts = self._options(
             max_tokens=self._max_tokens(body, "max_tokens", CompletionOptions.max_tokens),
             temperature=_field(body, "temperature", float, 0.0), top_p=_field(body, "top_p", float, 1.0),
-            top_k=_field(body, "top_k", int, 0), seed=_field(body, "seed", int, None),
+            top_k=_field(body, "top_k", int, 0), seed=_field(body, "seed", int, None, lo=0, hi=MAX_SEED),
             n=_field(body, "n", int, 1), mode=_field(body, "mode", str, "auto"),
             fim_mode=_field(body, "fim_mode", str, "psm"), stop=tuple(_stops(body, "stop")),
             filename=path,
@@ -644,7 +632,7 @@ class _App:
         temperature = _field(body, "temperature", float, 1.0, lo=0, hi=2)
         top_p = _field(body, "top_p", float, 1.0)
         top_k = _field(body, "top_k", int, 0, lo=0)  # an extension (vLLM, llama.cpp have it too)
-        seed = _field(body, "seed", int, None)
+        seed = _field(body, "seed", int, None, lo=0, hi=MAX_SEED)
         n = _field(body, "n", int, 1, lo=1, hi=16)
         stops = _stops(body, "stop")
         stream = _field(body, "stream", bool, False)
@@ -765,7 +753,7 @@ class _App:
         # As in TGI: sampling when asked, or when any sampling knob moves off its neutral value.
         sample = do_sample or (temperature not in (None, 1.0)) or top_p < 1.0 or top_k > 0
         temperature = 1.0 if temperature is None else temperature
-        seed = _field(params, "seed", int, None, lo=0)
+        seed = _field(params, "seed", int, None, lo=0, hi=MAX_SEED)
         sampling = _sampling(temperature if sample else 0.0, top_p, top_k, seed)
         truncate = _field(params, "truncate", int, None, lo=1)
         work = _raw_work(self.engine, inputs, max_new_tokens=max_new, sampling=sampling, n=1,
@@ -909,11 +897,7 @@ def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8080, api_key:
     """
     import uvicorn
 
-    if not _is_loopback(host) and not allow_remote:
-        raise UsageError(
-            f"refusing to listen on {host}: it is reachable from other machines; pass --allow-remote "
-            "(and set --api-key) to serve beyond this computer, or use --host 127.0.0.1"
-        )
+    check_bind(host, allow_remote=allow_remote)
     if not 0 <= port <= 65535:
         raise UsageError(f"port must be between 0 and 65535, got {port}")
     app = create_app(engine, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes,

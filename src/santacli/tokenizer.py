@@ -99,6 +99,11 @@ class Tokenizer:
         """Text of ``ids`` without special tokens."""
         return self._tk.decode(ids, skip_special_tokens=True)
 
+    def decode_with_specials(self, ids: list[int]) -> str:
+        """Text of ``ids`` with special tokens spelled out (``<fim-prefix>``...), as raw prompts
+        for servers that lay out FIM from text are written."""
+        return self._tk.decode(ids, skip_special_tokens=False)
+
     def token_to_id(self, text: str) -> int | None:
         return self._vocab.get(text)
 
