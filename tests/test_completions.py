@@ -76,7 +76,7 @@ class Tmux:
 
 
 SETUP = {
-    # shell argv, then the line that loads the committed script the way docs/editors.md says
+    # shell argv, then the line that loads the committed script the way README.md ("Shell, REPL and editors") says
     "bash": (["bash", "--norc", "--noprofile", "-i"],
              f"PS1='READY$ '; source {COMPLETIONS}/santa.bash"),
     "zsh": (["zsh", "-f", "-i"],

@@ -1,6 +1,6 @@
 """``santa serve``: a resident completion server over one loaded :class:`~santacli.engine.Engine`.
 
-Endpoints (see docs/server.md):
+Endpoints (see README.md, "The server"):
 
 - ``POST /v1/completions``, ``GET /v1/models``: OpenAI-compatible. A request with ``suffix`` is a
   fill-in-the-middle request laid out by santa; a bare ``prompt`` is used as raw text.

@@ -5,7 +5,7 @@
 " buffer. Both run as background jobs, so typing never waits; a reply for a buffer that changed
 " meanwhile is dropped. The suggestion shows as virtual text until accepted or dismissed.
 " Options (g: or b:): santa_command, santa_model, santa_args, santa_server, santa_max_tokens,
-" santa_mode, santa_curl. See docs/editors.md.
+" santa_mode, santa_curl. See README.md ("Shell, REPL and editors").
 
 let s:seq = 0
 let s:req = {}        " the request in flight

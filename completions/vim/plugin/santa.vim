@@ -1,5 +1,5 @@
 " santa.vim: code suggestions from santa (fill-in-the-middle) for Vim 9 and Neovim.
-" Setup and options: docs/editors.md. The work happens in autoload/santa.vim.
+" Setup and options: README.md ("Shell, REPL and editors"). The work happens in autoload/santa.vim.
 
 if exists('g:loaded_santa') || (!has('nvim') && v:version < 900)
   finish
