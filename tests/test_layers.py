@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "santacli"
-FRONT_ENDS = {"cli", "repl", "server"}
+FRONT_ENDS = {"cli", "repl", "server", "serving"}
 # Which santacli modules each module may import.
 ALLOWED = {
     "errors": set(),

@@ -23,7 +23,8 @@ httpx = pytest.importorskip("httpx")
 
 from santacli.engine import CompletionStream, Engine  # noqa: E402
 from santacli.errors import UsageError  # noqa: E402
-from santacli.server import _is_loopback, _StopText, create_app, serve  # noqa: E402
+from santacli.server import _is_loopback, create_app, serve  # noqa: E402
+from santacli.serving import StopText  # noqa: E402
 
 PREFIX = "def add(a, b):\n    "
 SUFFIX = "\n\nfor i in range(10):\n    print(i)\n"
@@ -310,11 +311,11 @@ def test_loopback_only_unless_allowed(engine: Engine) -> None:
 
 
 def test_stop_text() -> None:
-    held = _StopText(["STOP"], include=False)
+    held = StopText(["STOP"], include=False)
     assert held.feed("abc ST") == "abc "  # "ST" may begin the stop string
     assert held.feed("OP more") == "" and held.stopped
     assert held.finish() == "" and held.raw == "abc "
-    kept = _StopText(["STOP"], include=True)
+    kept = StopText(["STOP"], include=True)
     assert kept.feed("abc ST") == "abc ST"
     assert kept.feed("OP more") == "OP more" and kept.stopped
 

@@ -22,12 +22,9 @@ import hmac
 import ipaddress
 import json
 import logging
-import queue
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -36,9 +33,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from santacli.engine import CompletionOptions, CompletionResult, CompletionStream, Engine
-from santacli.errors import ContextLengthError, SantaError, UsageError
+from santacli.engine import CompletionOptions, CompletionResult, Engine
+from santacli.errors import SantaError, UsageError
 from santacli.generate import SamplingParams
+from santacli.serving import ApiError, Job, RawResult, Usage, Work, Worker, from_exception, infill_work, raw_work
 
 log = logging.getLogger("santacli.server")
 
@@ -50,15 +48,6 @@ MAX_SEED = 2**63 - 1  # torch generators take a 64-bit seed
 
 # ---------------------------------------------------------------------------------------------
 # Errors
-
-
-class ApiError(Exception):
-    """An error answered as JSON with an HTTP status (never a traceback)."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
 
 
 def _tgi_error_type(status: int) -> str:
@@ -74,265 +63,6 @@ def _error_response(err: ApiError, *, tgi: bool = False) -> JSONResponse:
         body = {"error": {"message": err.message, "type": err.kind, "param": err.param, "code": err.status}}
     headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
     return JSONResponse(body, status_code=err.status, headers=headers)
-
-
-def _from_exception(exc: BaseException) -> ApiError:
-    """Map an engine exception to an HTTP error; SantaError messages are already user-facing."""
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, (UsageError, ContextLengthError)):
-        return ApiError(422, str(exc))
-    if isinstance(exc, SantaError):
-        return ApiError(500, str(exc), "server_error")
-    return ApiError(500, f"internal error ({type(exc).__name__}); see the server log", "server_error")
-
-
-# ---------------------------------------------------------------------------------------------
-# The model worker
-
-
-Event = tuple[str, Any]  # ("start" | "step" | "text" | "done" | "error", payload)
-Work = Callable[["_Job"], Generator[Event, None, None]]
-Usage = dict[str, int]
-
-
-class _Job:
-    """One request's work on the model thread and its channel back to the event loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, work: Work) -> None:
-        self.loop = loop
-        self.work = work
-        self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.cancelled = threading.Event()
-        self.stream: CompletionStream | None = None  # set while engine.infill runs
-        self.finished = False
-
-    def emit(self, event: Event) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            pass
-
-    def cancel(self) -> None:
-        """Stop at the next token (called when the client goes away)."""
-        self.cancelled.set()
-        stream = self.stream
-        if stream is not None:
-            stream.cancel()
-
-    async def next(self) -> Event:
-        event = await self.events.get()
-        if event[0] in ("done", "error"):
-            self.finished = True
-        return event
-
-
-class _Worker:
-    """One thread runs every request on the model, in arrival order.
-
-    ``max_queue`` requests may wait while one runs; more are refused (503) rather than piling
-    up behind a slow model.
-    """
-
-    def __init__(self, max_queue: int) -> None:
-        if max_queue < 0:
-            raise UsageError(f"max queue must be >= 0, got {max_queue}")
-        self.capacity = max_queue + 1
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._admitted = 0
-        self._thread: threading.Thread | None = None
-
-    @property
-    def load(self) -> int:
-        return self._admitted
-
-    def submit(self, job: _Job) -> bool:
-        with self._lock:
-            if self._admitted >= self.capacity:
-                return False
-            self._admitted += 1
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="santa-model", daemon=True)
-                self._thread.start()
-        self._jobs.put(job)
-        return True
-
-    def stop(self) -> None:
-        with self._lock:
-            thread, self._thread = self._thread, None
-        if thread is not None:
-            self._jobs.put(None)
-            thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            final: Event = ("error", ApiError(499, "client closed the request"))
-            try:
-                if not job.cancelled.is_set():
-                    final = self._drive(job)
-            except Exception as exc:  # reported to the client; never kill the worker
-                if not isinstance(exc, SantaError):
-                    log.exception("request failed")
-                final = ("error", exc)
-            finally:
-                # Free the slot before the last event goes out, so a client that sends its next
-                # request as soon as it has the answer is never refused.
-                with self._lock:
-                    self._admitted -= 1
-                job.emit(final)
-
-    @staticmethod
-    def _drive(job: _Job) -> Event:
-        """Run the job's generator, forwarding its events as they come except the final "done"
-        (which ``_run`` sends). Work generators watch ``job.cancelled`` themselves."""
-        final: Event = ("error", ApiError(500, "the request ended without a result", "server_error"))
-        gen = job.work(job)
-        try:
-            for event in gen:
-                if event[0] == "done":
-                    final = event
-                else:
-                    job.emit(event)
-        finally:
-            gen.close()
-        return final
-
-
-# ---------------------------------------------------------------------------------------------
-# Work on the model thread: FIM through engine.infill, raw prompts through a token stream
-
-
-def _infill_work(engine: Engine, prefix: str, suffix: str, opts: CompletionOptions
-                 ) -> Work:
-    def work(job: _Job) -> Generator[Event, None, None]:
-        stream = engine.infill(prefix, suffix, opts)  # validation errors surface before "start"
-        job.stream = stream
-        if job.cancelled.is_set():
-            stream.cancel()
-        yield ("start", None)
-        for piece in stream:
-            yield ("text", piece)
-        yield ("done", stream.result)
-
-    return work
-
-
-class _StopText:
-    """Stop strings over streamed text. ``include``: TGI keeps the text up to the token that
-    completed a stop string; otherwise (OpenAI) the stop string and what follows are dropped,
-    and text that might begin a stop string is held back until it is known not to."""
-
-    def __init__(self, stops: list[str], *, include: bool) -> None:
-        self.stops = [s for s in stops if s]
-        self.include = include
-        self.raw = ""
-        self.released = 0
-        self.stopped = False
-
-    def feed(self, piece: str) -> str:
-        if self.stopped or not piece:
-            return ""
-        start = max(0, len(self.raw) - max((len(s) for s in self.stops), default=0))
-        self.raw += piece
-        hits = [at for at in (self.raw.find(s, start) for s in self.stops) if at >= 0]
-        if hits:
-            self.stopped = True
-            if not self.include:
-                self.raw = self.raw[: min(hits)]
-            return self._release(len(self.raw))
-        if self.include:
-            return self._release(len(self.raw))
-        hold = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(self.raw)), 0, -1):
-                if self.raw.endswith(stop[:n]):
-                    hold = max(hold, n)
-                    break
-        return self._release(len(self.raw) - hold)
-
-    def finish(self) -> str:
-        return self._release(len(self.raw))
-
-    def _release(self, upto: int) -> str:
-        if upto <= self.released:
-            return ""
-        out, self.released = self.raw[self.released:upto], upto
-        return out
-
-
-@dataclass
-class _RawRow:
-    text: str = ""
-    tokens: list[tuple[int, str, bool]] = field(default_factory=list)  # (id, text, special)
-    finish: str | None = None  # eos_token | stop_sequence | length | cancelled
-
-
-@dataclass
-class _RawResult:
-    rows: list[_RawRow]
-    prompt_tokens: int
-    reused_prompt_tokens: int
-    tails: list[str]  # text released only at the end (held back or flushed)
-
-
-def _raw_work(engine: Engine, text: str, *, max_new_tokens: int, sampling: SamplingParams, n: int,
-              stops: list[str], include_stop: bool, truncate: int | None = None
-              ) -> Work:
-    """Generate after a raw prompt. Events: start, then per step ``[(row, id, released text,
-    special)]``, then done with a :class:`_RawResult`. Sentinel tokens end a row and add no text."""
-
-    def work(job: _Job) -> Generator[Event, None, None]:
-        tok = engine.tokenizer
-        ids = tok.encode_raw(text)
-        if truncate is not None and len(ids) > truncate:
-            ids = ids[-truncate:]
-        if not ids:
-            raise UsageError("the prompt is empty")
-        stream = engine.stream_ids(ids, max_new_tokens=max_new_tokens, sampling=sampling, n=n,
-                                   use_prompt_cache=True)
-        rows = [_RawRow() for _ in range(n)]
-        decoders = [tok.stream() for _ in range(n)]
-        stoppers = [_StopText(stops, include=include_stop) for _ in range(n)]
-        tails = [""] * n
-        yield ("start", len(ids))
-        try:
-            for step in stream:
-                out: list[tuple[int, int, str, bool]] = []
-                for i, token in enumerate(step):
-                    row = rows[i]
-                    if token is None or row.finish:
-                        continue
-                    special = token in tok.sentinel_ids
-                    raw = decoders[i].flush() if special else decoders[i].push(token)
-                    released = stoppers[i].feed(raw)
-                    row.text += released
-                    row.tokens.append((token, raw, special))  # never sentinel text: specials are not decoded
-                    if special:
-                        row.finish = "eos_token"
-                    elif stoppers[i].stopped:
-                        row.finish = "stop_sequence"
-                        stream.stop_row(i)
-                    out.append((i, token, released, special))
-                yield ("step", out)
-                if job.cancelled.is_set():
-                    for row in rows:
-                        row.finish = row.finish or "cancelled"
-                    break
-        finally:
-            engine.keep_prompt(stream)
-        for i, row in enumerate(rows):
-            if row.finish is None:
-                row.finish = "length"
-                tails[i] = stoppers[i].feed(decoders[i].flush())
-            tails[i] += stoppers[i].finish()
-            row.text += tails[i]
-        yield ("done", _RawResult(rows, len(ids), stream.reused, tails))
-
-    return work
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,7 +170,7 @@ class _App:
             raise UsageError(f"max tokens limit must be >= 1, got {max_tokens_limit}")
         self.engine = engine
         self.api_key = api_key or None
-        self.worker = _Worker(max_queue)
+        self.worker = Worker(max_queue)
         self.max_body_bytes = max_body_bytes
         self.max_tokens_limit = max_tokens_limit
         self.model_name = model_name or engine.info.name
@@ -484,9 +214,9 @@ class _App:
         return value
 
     async def _start(self, request: Request, work: Work
-                     ) -> tuple[_Job, asyncio.Task[None], Any]:
+                     ) -> tuple[Job, asyncio.Task[None], Any]:
         """Queue ``work`` and wait for its first event; a client that disconnects cancels it."""
-        job = _Job(asyncio.get_running_loop(), work)
+        job = Job(asyncio.get_running_loop(), work)
         if not self.worker.submit(job):
             raise ApiError(503, f"server is busy ({self.worker.capacity} requests in progress or "
                                 "queued); retry later", "overloaded")
@@ -499,11 +229,11 @@ class _App:
             raise
         if kind == "error":
             watcher.cancel()
-            raise _from_exception(payload)
+            raise from_exception(payload)
         return job, watcher, payload
 
     @staticmethod
-    async def _watch_disconnect(request: Request, job: _Job) -> None:
+    async def _watch_disconnect(request: Request, job: Job) -> None:
         # After the body is read, the only message left for this request is the disconnect.
         while True:
             message = await request.receive()
@@ -511,7 +241,7 @@ class _App:
                 job.cancel()
                 return
 
-    async def _finish(self, job: _Job, watcher: asyncio.Task[None]) -> Any:
+    async def _finish(self, job: Job, watcher: asyncio.Task[None]) -> Any:
         """Wait for the job's final event; return its payload or raise its error."""
         try:
             while True:
@@ -519,13 +249,13 @@ class _App:
                 if kind == "done":
                     return payload
                 if kind == "error":
-                    raise _from_exception(payload)
+                    raise from_exception(payload)
         finally:
             watcher.cancel()
             if not job.finished:
                 job.cancel()
 
-    def _sse_response(self, events: AsyncIterator[bytes], job: _Job, watcher: asyncio.Task[None]
+    def _sse_response(self, events: AsyncIterator[bytes], job: Job, watcher: asyncio.Task[None]
                       ) -> StreamingResponse:
         async def body() -> AsyncIterator[bytes]:
             try:
@@ -551,7 +281,7 @@ class _App:
             except ClientDisconnect:
                 return Response(status_code=499)  # nobody is listening any more
             except SantaError as exc:
-                return _error_response(_from_exception(exc), tgi=tgi)
+                return _error_response(from_exception(exc), tgi=tgi)
 
         return endpoint
 
@@ -574,7 +304,7 @@ class _App:
             filename=path,
         )
         stream = _field(body, "stream", bool, False)
-        job, watcher, _ = await self._start(request, _infill_work(self.engine, prefix, suffix, opts))
+        job, watcher, _ = await self._start(request, infill_work(self.engine, prefix, suffix, opts))
         if not stream:
             result: CompletionResult = await self._finish(job, watcher)
             return JSONResponse(result.to_dict())
@@ -594,7 +324,7 @@ class _App:
                     yield _sse("[DONE]")
                     return
                 else:
-                    err = _from_exception(payload)
+                    err = from_exception(payload)
                     yield _sse({"error": {"message": err.message, "type": err.kind}})
                     return
 
@@ -661,7 +391,7 @@ class _App:
             opts = self._options(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                  seed=seed, n=n,
                                  mode=_field(body, "mode", str, "full"), stop=tuple(stops))
-            job, watcher, _ = await self._start(request, _infill_work(self.engine, prompt, suffix, opts))
+            job, watcher, _ = await self._start(request, infill_work(self.engine, prompt, suffix, opts))
 
             def fim_final(result: CompletionResult, sent: str | None) -> tuple[list[dict[str, Any]], Usage]:
                 choices = [choice(i, _unsent(text, sent) if sent is not None and i == 0 else text,
@@ -689,18 +419,18 @@ class _App:
                         yield _sse("[DONE]")
                         return
                     else:
-                        err = _from_exception(payload)
+                        err = from_exception(payload)
                         yield _sse({"error": {"message": err.message, "type": err.kind}})
                         return
 
             return self._sse_response(fim_events(), job, watcher)
 
         sampling = _sampling(temperature, top_p, top_k, seed)
-        job, watcher, _ = await self._start(request, _raw_work(
+        job, watcher, _ = await self._start(request, raw_work(
             self.engine, prompt, max_new_tokens=max_tokens, sampling=sampling, n=n, stops=stops,
             include_stop=False))
 
-        def raw_final(result: _RawResult, streamed: bool) -> tuple[list[dict[str, Any]], Usage]:
+        def raw_final(result: RawResult, streamed: bool) -> tuple[list[dict[str, Any]], Usage]:
             choices = [choice(i, result.tails[i] if streamed else row.text,
                               "length" if row.finish == "length" else "stop")
                        for i, row in enumerate(result.rows)]
@@ -726,7 +456,7 @@ class _App:
                     yield _sse("[DONE]")
                     return
                 else:
-                    err = _from_exception(payload)
+                    err = from_exception(payload)
                     yield _sse({"error": {"message": err.message, "type": err.kind}})
                     return
 
@@ -756,7 +486,7 @@ class _App:
         seed = _field(params, "seed", int, None, lo=0, hi=MAX_SEED)
         sampling = _sampling(temperature if sample else 0.0, top_p, top_k, seed)
         truncate = _field(params, "truncate", int, None, lo=1)
-        work = _raw_work(self.engine, inputs, max_new_tokens=max_new, sampling=sampling, n=1,
+        work = raw_work(self.engine, inputs, max_new_tokens=max_new, sampling=sampling, n=1,
                          stops=_stops(params, "stop"), include_stop=True, truncate=truncate)
         return inputs, params, work
 
@@ -780,7 +510,7 @@ class _App:
     async def _generate(self, request: Request, body: dict[str, Any]) -> Response:
         inputs, params, work = self._tgi_request(body)
         job, watcher, _ = await self._start(request, work)
-        result: _RawResult = await self._finish(job, watcher)
+        result: RawResult = await self._finish(job, watcher)
         row = result.rows[0]
         text = inputs + row.text if params.get("return_full_text") else row.text
         out: dict[str, Any] = {"generated_text": text}
@@ -824,7 +554,7 @@ class _App:
                     yield _sse(held)
                     return
                 else:
-                    err = _from_exception(payload)
+                    err = from_exception(payload)
                     yield _sse({"error": err.message, "error_type": _tgi_error_type(err.status)})
                     return
 
@@ -873,7 +603,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_queue: int = 1
 
     async def internal_error(request: Request, exc: Exception) -> Response:
         log.error("unhandled error on %s", request.url.path, exc_info=exc)
-        return _error_response(_from_exception(exc))
+        return _error_response(from_exception(exc))
 
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
