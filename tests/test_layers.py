@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "santacli"
-FRONT_ENDS = {"cli", "repl", "server", "serving"}
+FRONT_ENDS = {"cli", "repl", "repl_session", "server", "serving"}
 # Which santacli modules each module may import.
 ALLOWED = {
     "errors": set(),

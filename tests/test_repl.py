@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from santacli.errors import InputError, UsageError
-from santacli.repl import (
+from santacli.repl_session import (
     Command,
     Last,
     Session,
