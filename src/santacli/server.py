@@ -131,6 +131,21 @@ def _sse(data: Any) -> bytes:
     return f"data: {text}\n\n".encode()
 
 
+def _sse_error(exc: BaseException) -> bytes:
+    err = from_exception(exc)
+    return _sse({"error": {"message": err.message, "type": err.kind}})
+
+
+def _openai_final(envelope: Callable[..., dict[str, Any]], choices: list[dict[str, Any]], use: Usage,
+                  include_usage: bool) -> list[bytes]:
+    """The closing events of an OpenAI stream: last choices, the usage chunk if asked, [DONE]."""
+    events = [_sse(envelope(choices, use))]
+    if include_usage:
+        events.append(_sse(envelope([], use)))
+    events.append(_sse("[DONE]"))
+    return events
+
+
 def _unsent(final: str, sent: str) -> str:
     """What a stream still owes its client of ``final`` after sending ``sent``."""
     return final[len(sent):] if final.startswith(sent) else ""
@@ -324,8 +339,7 @@ class _App:
                     yield _sse("[DONE]")
                     return
                 else:
-                    err = from_exception(payload)
-                    yield _sse({"error": {"message": err.message, "type": err.kind}})
+                    yield _sse_error(payload)
                     return
 
         return self._sse_response(events(), job, watcher)
@@ -412,15 +426,11 @@ class _App:
                         sent += payload
                         yield _sse(envelope([choice(0, payload, None)]))
                     elif kind == "done":
-                        choices, use = fim_final(payload, sent)
-                        yield _sse(envelope(choices, use))
-                        if include_usage:
-                            yield _sse(envelope([], use))
-                        yield _sse("[DONE]")
+                        for event in _openai_final(envelope, *fim_final(payload, sent), include_usage):
+                            yield event
                         return
                     else:
-                        err = from_exception(payload)
-                        yield _sse({"error": {"message": err.message, "type": err.kind}})
+                        yield _sse_error(payload)
                         return
 
             return self._sse_response(fim_events(), job, watcher)
@@ -449,15 +459,11 @@ class _App:
                     if pieces:
                         yield _sse(envelope(pieces))
                 elif kind == "done":
-                    choices, use = raw_final(payload, True)
-                    yield _sse(envelope(choices, use))
-                    if include_usage:
-                        yield _sse(envelope([], use))
-                    yield _sse("[DONE]")
+                    for event in _openai_final(envelope, *raw_final(payload, True), include_usage):
+                        yield event
                     return
                 else:
-                    err = from_exception(payload)
-                    yield _sse({"error": {"message": err.message, "type": err.kind}})
+                    yield _sse_error(payload)
                     return
 
         return self._sse_response(raw_events(), job, watcher)
