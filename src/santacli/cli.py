@@ -115,8 +115,8 @@ def _settings() -> Settings:
 
 def _hint_if_bundled(settings: Settings, model: str | None) -> None:
     if model is None and settings.model is None and settings.hint and not _state["quiet"]:
-        err.print("santa: using the bundled tiny model; for real completions try --model santacoder "
-                  "(SANTA_NO_HINT=1 hides this)", style="dim")
+        err.print("santa: using the bundled tiny demo model; for real completions try --model santacoder "
+                  "(SANTA_NO_HINT=1 hides this)", style="dim", soft_wrap=True)
 
 
 def load_engine(model: str | None, device: str | None, dtype: str | None, attention: str | None,
@@ -180,7 +180,7 @@ def _report(result: CompletionResult) -> None:
     cut = f", cut {t.prefix_lines} prefix / {t.suffix_lines} suffix lines" if t.any else ""
     err.print(f"{result.generated_tokens} tokens, {result.tokens_per_second:.1f} tok/s, "
               f"first token {result.time_to_first_token * 1000:.0f} ms, stop: {result.stop_reason}{cut}",
-              style="dim")
+              style="dim", soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +306,7 @@ def complete(
             write_atomically(path, new_text)
         if not _state["quiet"]:
             err.print(f"santa: inserted {len(result.text)} characters into {path}" if result.text
-                      else f"santa: empty completion; {path} left unchanged", style="dim")
+                      else f"santa: empty completion; {path} left unchanged", style="dim", soft_wrap=True)
     else:
         _print_candidates(result, streamed=True)
     _report(result)
@@ -414,7 +414,7 @@ def pull(model: Annotated[str, typer.Argument(help="Alias or hub id to download.
     from santacli.weights import download_model
 
     folder = download_model(model)
-    err.print(f"santa: {model} is ready in {folder}")
+    err.print(f"santa: {model} is ready in {folder}", soft_wrap=True)
 
 
 @app.command()
