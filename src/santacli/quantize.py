@@ -54,7 +54,14 @@ def quantize_int8(model: GPTBigCode) -> GPTBigCode:
         # int8 CPU matmul in core PyTorch; silence the notice rather than the user's terminal.
         warnings.simplefilter("ignore")
         for parent, name, child in targets:
+            if child.bias is not None:
+                # The packed int8 layer keeps its float bias; a view of the mapped file would pin it.
+                child.bias.data = child.bias.data.clone()
             child.qconfig = per_channel_dynamic_qconfig  # type: ignore[assignment]
             setattr(parent, name, DynamicInt8Linear.from_float(child))
             del child
+    # What stays float (embeddings, LayerNorms) may still be views into the memory-mapped
+    # checkpoint; owning copies let the whole fp32 file's mapping go.
+    for param in model.parameters():
+        param.data = param.data.clone()
     return model

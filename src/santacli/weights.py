@@ -246,8 +246,10 @@ def load_model(folder: Path, config: ModelConfig, *, device: torch.device, dtype
                backend: str) -> GPTBigCode:
     """Build the model on the meta device and fill it tensor by tensor from safetensors.
 
-    Tensors are memory-mapped by safetensors and converted one at a time, so peak memory stays
-    near one copy of the weights in the target dtype.
+    Tensors are memory-mapped by safetensors: when the checkpoint's dtype is the target dtype
+    they are used in place (resident memory ≈ one copy of the weights). Converting (e.g. an fp32
+    file to bf16) keeps the file's touched pages resident until loading ends, so the peak is the
+    file plus the converted copy; it falls back to one copy afterwards.
 
     Raises:
         CheckpointError: missing, unexpected, mis-shaped or corrupted tensors.
