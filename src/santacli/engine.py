@@ -15,7 +15,7 @@ from torch import Tensor
 
 from santacli import fim, weights
 from santacli.config import ModelConfig
-from santacli.errors import CheckpointError, UsageError
+from santacli.errors import CheckpointError, SantaError, UsageError
 from santacli.fim import Truncation
 from santacli.generate import SamplingParams, TokenStream
 from santacli.model import GPTBigCode, KVCache, select_backend
@@ -289,34 +289,43 @@ class CompletionResult:
         }
 
 
-class CompletionStream:
-    """Iterate for the first candidate's text chunks as they are generated; then ``result``.
+class ResultStream:
+    """What every completion stream offers front ends: iterate for the first candidate's text
+    as it arrives, then read ``result``; ``cancel()`` (from any thread, e.g. for a disconnected
+    client) ends it at the next piece, and the result then says ``cancelled``."""
 
-    ``cancel()`` (from another thread, e.g. a disconnected client) ends generation at the next
-    token; the result then says ``cancelled``.
-    """
-
-    def __init__(self, engine: Engine, prompt: fim.Prompt, mode: str, opts: CompletionOptions) -> None:
-        self._engine = engine
-        self._prompt = prompt
-        self._mode = mode
-        self._opts = opts
+    def __init__(self) -> None:
         self._result: CompletionResult | None = None
-        self._cancelled = False
+        self.cancelled = False
+
+    def __iter__(self) -> Iterator[str]:
+        raise NotImplementedError
 
     def cancel(self) -> None:
-        self._cancelled = True
+        self.cancelled = True
 
     @property
     def result(self) -> CompletionResult:
         if self._result is None:
             for _ in self:
                 pass
-        assert self._result is not None
+        if self._result is None:
+            raise SantaError("the completion ended without a result")
         return self._result
 
     def text(self) -> str:
         return self.result.text
+
+
+class CompletionStream(ResultStream):
+    """A completion computed by a local :class:`Engine`."""
+
+    def __init__(self, engine: Engine, prompt: fim.Prompt, mode: str, opts: CompletionOptions) -> None:
+        super().__init__()
+        self._engine = engine
+        self._prompt = prompt
+        self._mode = mode
+        self._opts = opts
 
     def __iter__(self) -> Iterator[str]:
         if self._result is not None:
@@ -350,7 +359,7 @@ class CompletionStream:
                         stream.stop_row(row)
                     if row == 0 and piece:
                         yield piece
-                if self._cancelled:
+                if self.cancelled:
                     reasons = [r or "cancelled" for r in reasons]
                     break
         finally:

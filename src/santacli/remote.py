@@ -25,7 +25,7 @@ from typing import Any
 
 from santacli import fim, weights
 from santacli.config import ModelConfig
-from santacli.engine import CompletionOptions, CompletionResult
+from santacli.engine import CompletionOptions, CompletionResult, ResultStream
 from santacli.errors import RemoteError, UsageError
 from santacli.tokenizer import Tokenizer
 
@@ -120,30 +120,13 @@ class _Http:
 # Streams
 
 
-class RemoteCompletionStream:
-    """Like :class:`~santacli.engine.CompletionStream`: iterate for the first candidate's text,
-    then read ``result``. ``cancel()`` closes the connection at the next piece of text."""
+class RemoteCompletionStream(ResultStream):
+    """A completion computed by a server; ``cancel()`` closes the connection at the next piece."""
 
     def __init__(self, run: Callable[[RemoteCompletionStream], Iterator[str]]) -> None:
+        super().__init__()
         self._run = run
-        self._result: CompletionResult | None = None
         self._started = False
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    @property
-    def result(self) -> CompletionResult:
-        if self._result is None:
-            for _ in self:
-                pass
-        if self._result is None:
-            raise RemoteError("the completion did not finish")
-        return self._result
-
-    def text(self) -> str:
-        return self.result.text
 
     def __iter__(self) -> Iterator[str]:
         if self._started:
