@@ -193,3 +193,42 @@ def test_unknown_model_names(tmp_path):
         Engine.load("definitely not a model")
     with pytest.raises(ModelNotFoundError, match="unknown model"):
         Engine.load(str(tmp_path / "nowhere"))
+
+
+def test_tensor_files_read_every_dtype_exactly_and_convert(tmp_path):
+    from safetensors.torch import load_file
+
+    from santacli.tensorfile import TensorFiles
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(7, 5, generator=g),
+        "bf16": torch.randn(3, 4, generator=g).to(torch.bfloat16),
+        "f16": torch.randn(6, generator=g).to(torch.float16),
+        "i8": torch.randint(-128, 127, (4, 4), generator=g).to(torch.int8),
+        "empty": torch.zeros(0, 3),
+        "scalar": torch.tensor(2.5),
+    }
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    files = TensorFiles([path])
+    reference = load_file(str(path))
+    assert set(files.entries) == set(tensors)
+    for name, expected in reference.items():
+        got = files.read(name)
+        assert got.dtype == expected.dtype and got.shape == expected.shape and torch.equal(got, expected), name
+    assert files.read("f32", dtype=torch.bfloat16).equal(reference["f32"].to(torch.bfloat16))
+    assert files.read("bf16", dtype=torch.float32).equal(reference["bf16"].float())
+    assert not files.entries["i8"].is_float and files.entries["bf16"].is_float
+
+
+def test_non_float_weights_are_rejected_before_reading(tmp_path, tiny_checkpoint):
+    broken = tmp_path / "ints"
+    shutil.copytree(tiny_checkpoint, broken)
+    from safetensors.torch import load_file
+
+    state = load_file(str(broken / "model.safetensors"))
+    state["transformer.ln_f.bias"] = state["transformer.ln_f.bias"].to(torch.int32)
+    save_file(state, str(broken / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="floating point: transformer.ln_f.bias"):
+        Engine.load(str(broken))

@@ -41,6 +41,17 @@ HELDOUT_PER_MILLE = 30  # ~3% of files, chosen by a hash of the relative path
 # broken or odd-encoding files and data tables, and the shipped model targets library-style code.
 EXCLUDED_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
 EXCLUDED_FILES = {"_sysconfigdata__linux_x86_64-linux-gnu.py"}  # machine-generated
+# Data, not code: the text of the pydoc topics and the HTML entity table. Together with the
+# generated codec tables below they were a quarter of the tokens of santa-tiny v0, which then
+# drifted into `0x00..: 0x00..,  # LATIN ... LETTER` lines wherever it was unsure.
+EXCLUDED_DATA_FILES = {"pydoc_data/topics.py", "html/entities.py"}
+GENERATED_TABLE_MARK = "Python Character Mapping Codec"  # header gencodec.py writes
+
+
+def is_data_table(rel: str, text: str) -> bool:
+    if rel in EXCLUDED_DATA_FILES:
+        return True
+    return rel.startswith("encodings/") and GENERATED_TABLE_MARK in text[:400]
 
 
 def log(msg: str) -> None:
@@ -65,6 +76,7 @@ def build_corpus() -> dict:
     root = stdlib_root()
     files: list[tuple[str, str]] = []
     skipped = []
+    data_tables: list[str] = []
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root).as_posix()
         parts = rel.split("/")
@@ -79,6 +91,9 @@ def build_corpus() -> dict:
             continue
         if not text.strip():
             continue
+        if is_data_table(rel, text):
+            data_tables.append(rel)
+            continue
         files.append((rel, text.replace("\r\n", "\n")))
     train = [(r, t) for r, t in files if not is_heldout(r)]
     held = [(r, t) for r, t in files if is_heldout(r)]
@@ -88,6 +103,7 @@ def build_corpus() -> dict:
         "stdlib": str(root),
         "excluded_dirs": sorted(EXCLUDED_DIRS),
         "skipped_undecodable": skipped,
+        "excluded_data_tables": data_tables,
         "n_files": len(files),
         "n_train_files": len(train),
         "n_heldout_files": len(held),
@@ -126,7 +142,9 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 def load_or_train_tokenizer(texts: list[str], vocab_size: int):
     from tokenizers import Tokenizer
 
-    path = WORK / f"tokenizer-{vocab_size}.json"
+    # Keyed by the corpus too: a tokenizer cached for another file list must not be reused.
+    digest = hashlib.sha1("\0".join(texts).encode()).hexdigest()[:12]
+    path = WORK / f"tokenizer-{vocab_size}-{digest}.json"
     if path.exists():
         return Tokenizer.from_file(str(path))
     t0 = time.time()

@@ -79,6 +79,8 @@ class Engine:
         net = weights.load_model(folder, config, device=dev, dtype=torch_dtype, backend=backend)
         if quant == "int8":
             net = quantize_int8(net)
+        elif dev.type == "cpu" and torch_dtype == torch.float32:
+            net.transpose_linear_weights()  # faster fp32 decode GEMV; see TransposedLinear
         info = LoadInfo(name=model, folder=folder, device=str(dev), dtype=str(torch_dtype).removeprefix("torch."),
                         attention=backend, quantize=quant, load_seconds=time.perf_counter() - started)
         return cls(net, tokenizer, info)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from santacli.errors import BackendError
-from santacli.model import GPTBigCode
+from santacli.model import GPTBigCode, replace_linears
 
 QUANTIZATIONS = ("none", "int8")
 
@@ -37,7 +37,8 @@ def check_quantization(mode: str | None, device: torch.device, dtype: torch.dtyp
 def quantize_int8(model: GPTBigCode) -> GPTBigCode:
     """Replace every nn.Linear with a dynamic int8 Linear, one layer at a time (in place).
 
-    Each float weight is released as soon as its int8 copy exists, so memory falls as it goes.
+    Each float weight is released as soon as its int8 copy exists, so memory falls as it goes
+    (the loaded tensors are owned memory, not views of the file: see tensorfile.py).
     """
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
     from torch.ao.quantization import per_channel_dynamic_qconfig
@@ -47,21 +48,14 @@ def quantize_int8(model: GPTBigCode) -> GPTBigCode:
     head = nn.Linear(model.config.n_embd, model.config.vocab_size, bias=False)
     head.weight = model.wte.weight
     model.lm_head = head
-    targets = [(parent, name, child) for parent in model.modules()
-               for name, child in parent.named_children() if type(child) is nn.Linear]
+
+    def to_int8(linear: nn.Linear) -> nn.Module:
+        linear.qconfig = per_channel_dynamic_qconfig  # type: ignore[assignment]
+        return DynamicInt8Linear.from_float(linear)
+
     with warnings.catch_warnings():
         # torch.ao's eager quantization is deprecated in favour of torchao, yet it is the only
         # int8 CPU matmul in core PyTorch; silence the notice rather than the user's terminal.
         warnings.simplefilter("ignore")
-        for parent, name, child in targets:
-            if child.bias is not None:
-                # The packed int8 layer keeps its float bias; a view of the mapped file would pin it.
-                child.bias.data = child.bias.data.clone()
-            child.qconfig = per_channel_dynamic_qconfig  # type: ignore[assignment]
-            setattr(parent, name, DynamicInt8Linear.from_float(child))
-            del child
-    # What stays float (embeddings, LayerNorms) may still be views into the memory-mapped
-    # checkpoint; owning copies let the whole fp32 file's mapping go.
-    for param in model.parameters():
-        param.data = param.data.clone()
+        replace_linears(model, to_int8)
     return model

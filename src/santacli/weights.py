@@ -1,6 +1,6 @@
 """Find a checkpoint (folder, alias or hub id) and load its safetensors into a GPTBigCode.
 
-The only module that touches huggingface_hub and safetensors. Loading is strict: every expected
+The only module that touches huggingface_hub (tensorfile.py reads the safetensors). Loading is strict: every expected
 tensor must be present with the right shape, and nothing unknown may be left over.
 """
 
@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from santacli import catalog
 from santacli.config import ModelConfig
 from santacli.errors import BackendError, CheckpointError, ModelNotFoundError
 from santacli.model import GPTBigCode
+from santacli.tensorfile import TensorFiles
 
 HUB_FILES = ["config.json", "tokenizer.json", "*.safetensors", "model.safetensors.index.json"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -168,22 +167,6 @@ def _weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no model.safetensors or shard index found")
 
 
-def _read_tensors(files: list[Path], stack: ExitStack) -> Iterator[tuple[str, Tensor]]:
-    from safetensors import SafetensorError, safe_open
-
-    for file in files:
-        try:
-            handle = stack.enter_context(safe_open(str(file), framework="pt"))
-            keys = list(handle.keys())
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{file}: not a valid safetensors file ({exc})") from None
-        for key in keys:
-            try:
-                yield key, handle.get_tensor(key)
-            except (SafetensorError, OSError, RuntimeError) as exc:
-                raise CheckpointError(f"{file}: tensor {key} is corrupted ({exc})") from None
-
-
 def _convert_original_santacoder(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """bigcode/santacoder's layout: Conv1D (in, out) weights and split q_attn / kv_attn."""
     out: dict[str, Tensor] = {}
@@ -242,47 +225,60 @@ def choose_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 # Loading
 
 
+def _check_names_and_shapes(folder: Path, expected: dict[str, tuple[int, ...]],
+                            shapes: dict[str, tuple[int, ...]]) -> None:
+    """One error listing every missing, unexpected and mis-shaped tensor."""
+    shapes = dict(shapes)
+    head_shape = shapes.pop("lm_head.weight", None)  # tied to wte: checked, never loaded
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    misshaped = sorted(f"{k} {shapes[k]} != {expected[k]}"
+                       for k in set(shapes) & set(expected) if shapes[k] != expected[k])
+    if head_shape is not None and head_shape != expected["transformer.wte.weight"]:
+        misshaped.append(f"lm_head.weight {head_shape} != {expected['transformer.wte.weight']}")
+    problems = [f"{label}: {_describe(keys)}" for label, keys in
+                (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if keys]
+    if problems:
+        raise CheckpointError(f"{folder}: checkpoint does not match config.json; " + "; ".join(problems))
+
+
 def load_model(folder: Path, config: ModelConfig, *, device: torch.device, dtype: torch.dtype,
                backend: str) -> GPTBigCode:
     """Build the model on the meta device and fill it tensor by tensor from safetensors.
 
-    Tensors are memory-mapped by safetensors: when the checkpoint's dtype is the target dtype
-    they are used in place (resident memory ≈ one copy of the weights). Converting (e.g. an fp32
-    file to bf16) keeps the file's touched pages resident until loading ends, so the peak is the
-    file plus the converted copy; it falls back to one copy afterwards.
+    Names and shapes are checked against the config before any weights are read. Each tensor
+    is then read into owned memory and converted to ``dtype`` on ``device`` before the next one
+    is read, so the peak is the loaded model plus one tensor (see tensorfile.py).
 
     Raises:
-        CheckpointError: missing, unexpected, mis-shaped or corrupted tensors.
+        CheckpointError: missing, unexpected, mis-shaped, non-float or corrupted tensors.
     """
     files = _weight_files(folder)
     with torch.device("meta"):
         model = GPTBigCode(config, backend=backend)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    with ExitStack() as stack:
-        raw = dict(_read_tensors(files, stack))
-        raw = {k: v for k, v in raw.items() if not _IGNORED_KEY.search(k)}
-        if raw and not any(k.startswith("transformer.") for k in raw):
-            raw = {f"transformer.{k}": v for k, v in raw.items()}  # saved from the base model
-        if config.original_santacoder_layout:
-            raw = _convert_original_santacoder(raw)
-        head = raw.pop("lm_head.weight", None)
-        missing = sorted(set(expected) - set(raw))
-        unexpected = sorted(set(raw) - set(expected))
-        misshaped = sorted(f"{k} {tuple(raw[k].shape)} != {expected[k]}"
-                           for k in set(raw) & set(expected) if tuple(raw[k].shape) != expected[k])
-        if head is not None and tuple(head.shape) != expected["transformer.wte.weight"]:
-            misshaped.append(f"lm_head.weight {tuple(head.shape)} != {expected['transformer.wte.weight']}")
-        problems = [f"{label}: {_describe(keys)}" for label, keys in
-                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if keys]
-        if problems:
-            raise CheckpointError(f"{folder}: checkpoint does not match config.json; " + "; ".join(problems))
-        state = {}
-        for key in list(raw):
-            tensor = raw.pop(key)
-            if not tensor.is_floating_point():
-                raise CheckpointError(f"{folder}: tensor {key} has non-float dtype {tensor.dtype}")
-            state[key] = tensor.to(device=device, dtype=dtype)
-        model.load_state_dict(state, strict=False, assign=True)
+    source = TensorFiles(files)
+    names = {k: k for k in source.entries if not _IGNORED_KEY.search(k)}
+    if names and not any(k.startswith("transformer.") for k in names):
+        names = {f"transformer.{k}": k for k in names}  # saved from the base model
+    non_float = sorted(k for k, v in names.items() if not source.entries[v].is_float)
+    if non_float:
+        raise CheckpointError(f"{folder}: tensors must be floating point: {_describe(non_float)}")
+    converted: dict[str, Tensor] = {}
+    if config.original_santacoder_layout:
+        # Rare and small: convert in memory, then check the converted names.
+        converted = _convert_original_santacoder({k: source.read(v) for k, v in names.items()})
+        shapes = {k: tuple(v.shape) for k, v in converted.items()}
+    else:
+        shapes = {k: source.entries[v].shape for k, v in names.items()}
+    _check_names_and_shapes(folder, expected, shapes)
+    state = {}
+    for key in expected:
+        if converted:
+            state[key] = converted.pop(key).to(device=device, dtype=dtype)
+        else:
+            state[key] = source.read(names[key], dtype=dtype, device=device)
+    model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     model.eval().requires_grad_(False)
     return model
