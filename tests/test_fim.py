@@ -275,3 +275,13 @@ def test_streamed_chunks_add_up_to_final_text(text, cuts, mode, suffix, eos):
     # run_filter asserts that the released chunks add up to the final text.
     final, _ = run_filter(mode, pieces, prefix="def f(x):\n    ", suffix=suffix, stops=["##"], eos=eos)
     assert "##" not in final
+
+
+def test_partial_match_length():
+    from santacli.fim import partial_match_length
+
+    assert partial_match_length("x = 1\n#", ["\n#"]) == 2
+    assert partial_match_length("abc", ["cde", "bcx"]) == 2  # the longest candidate start wins
+    assert partial_match_length("abc", ["xyz"]) == 0
+    assert partial_match_length("", ["a"]) == 0
+    assert partial_match_length("ab", []) == 0

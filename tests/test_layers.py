@@ -17,16 +17,21 @@ ALLOWED = {
     "settings": {"errors", "catalog"},
     "tokenizer": {"errors"},
     "fim": {"errors", "tokenizer"},
+    "sampling": {"errors"},
+    "completion": {"errors", "fim", "sampling"},
+    "hub": {"errors", "catalog"},
+    "tensorfile": {"errors"},
     "model": {"errors", "config"},
-    "weights": {"errors", "config", "model", "catalog"},
-    "generate": {"errors", "model"},
+    "weights": {"errors", "config", "model", "hub", "tensorfile"},
+    "generate": {"errors", "model", "sampling"},
     "promptcache": {"model"},
-    "engine": {"errors", "config", "model", "weights", "tokenizer", "fim", "generate", "promptcache", "quantize"},
-    "remote": {"errors", "config", "weights", "tokenizer", "fim", "engine", "generate"},
+    "engine": {"errors", "config", "model", "weights", "hub", "tokenizer", "fim", "generate", "promptcache",
+               "quantize", "completion"},
+    "remote": {"errors", "config", "hub", "tokenizer", "fim", "completion"},
     "quantize": {"errors", "model"},
 }
 # Third-party packages that only certain modules may import.
-OWNERS = {"huggingface_hub": {"weights"}, "safetensors": {"weights"}, "tokenizers": {"tokenizer"},
+OWNERS = {"huggingface_hub": {"hub"}, "safetensors": {"tensorfile"}, "tokenizers": {"tokenizer"},
           "flash_attn": {"model"}, "typer": FRONT_ENDS, "rich": FRONT_ENDS, "fastapi": {"server"}, "starlette": {"server"},
           "uvicorn": {"server"}, "prompt_toolkit": {"repl"}, "transformers": set()}
 
@@ -66,3 +71,18 @@ def test_nothing_imports_cli():
     for path in MODULES:
         if path.stem != "cli":
             assert not any(m in ("santacli.cli",) for m in imports(path)), path.stem
+
+
+# Modules a client of a server needs: they must not pull in torch (seconds of start-up).
+TORCH_FREE = ["santacli.remote", "santacli.completion", "santacli.hub", "santacli.fim", "santacli.settings"]
+
+
+def test_server_clients_start_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            f"import {', '.join(TORCH_FREE)}\n"
+            "heavy = sorted(m for m in ('torch', 'santacli.engine', 'santacli.model') if m in sys.modules)\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

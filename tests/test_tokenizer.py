@@ -26,3 +26,19 @@ def test_tiny_tokenizer_specials(tokenizer):
     tk = Tokenizer(tokenizer)
     assert tk.eos_id == 0 and tk.fim is not None and tk.fim.family == "santacoder"
     assert tk.sentinel_ids == frozenset(range(5))
+
+
+def test_raw_and_plain_encoding_do_not_race_across_threads(shared_data):
+    """The server encodes user text and raw prompts on different threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tk = Tokenizer.from_file(shared_data / "santacoder_tokenizer.json")
+    text = "<fim-prefix>def f(x):\n    return x<fim-suffix>\n" * 20
+    plain, raw = tk.encode(text), tk.encode_raw(text)
+    assert plain != raw
+
+    def check(i: int) -> bool:
+        return tk.encode(text) == plain if i % 2 else tk.encode_raw(text) == raw
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(check, range(400)))

@@ -89,7 +89,7 @@ class Common:
     api: str
 
     def options(self, settings: Settings, filename: str | None) -> CompletionOptions:
-        from santacli.engine import CompletionOptions
+        from santacli.completion import CompletionOptions
 
         def pick(value: Any, default: Any) -> Any:
             return default if value is None else value
@@ -143,7 +143,8 @@ def _engine_for(common: Common, settings: Settings) -> Any:
 
         if common.api not in ("santa", "tgi", "openai"):
             raise UsageError(f"--api must be santa, tgi or openai, got {common.api!r}")
-        _hint_if_bundled(settings, common.model)
+        if common.api != "santa":  # only then does the local model (its tokenizer) matter
+            _hint_if_bundled(settings, common.model)
         return RemoteEngine(common.endpoint, api=common.api, model=common.model or settings.resolved_model,
                             api_key=os.environ.get("SANTA_API_KEY"))
     return load_engine(common.model, common.device, common.dtype, common.attention, settings, common.quantize)
@@ -374,7 +375,7 @@ def models() -> None:
     """List model aliases, what is cached locally and its size."""
     from rich.table import Table
 
-    from santacli.weights import cached_models
+    from santacli.hub import cached_models
 
     cached = dict(cached_models())
     rows: list[tuple[str, str, str, str]] = []
@@ -411,7 +412,7 @@ def _size(n: int) -> str:
 @app.command()
 def pull(model: Annotated[str, typer.Argument(help="Alias or hub id to download.")]) -> None:
     """Download a model's config, tokenizer and safetensors into the local hub cache."""
-    from santacli.weights import download_model
+    from santacli.hub import download_model
 
     folder = download_model(model)
     err.print(f"santa: {model} is ready in {folder}", soft_wrap=True)

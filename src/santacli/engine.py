@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from santacli import fim, weights
+from santacli import fim, hub, weights
+from santacli.completion import CompletionOptions, CompletionResult, ResultStream
 from santacli.config import ModelConfig
-from santacli.errors import CheckpointError, SantaError, UsageError
-from santacli.fim import Truncation
+from santacli.errors import CheckpointError, UsageError
 from santacli.generate import SamplingParams, TokenStream
 from santacli.model import GPTBigCode, KVCache, select_backend
 from santacli.promptcache import PromptCache
@@ -68,7 +68,7 @@ class Engine:
         torch_dtype = weights.choose_dtype(dtype, dev)
         backend = select_backend(attention, dev, torch_dtype)
         quant = check_quantization(quantize, dev, torch_dtype)
-        folder = weights.resolve_model(model, allow_download=allow_download)
+        folder = hub.resolve_model(model, allow_download=allow_download)
         config = ModelConfig.from_file(folder / "config.json")
         tokenizer = Tokenizer.from_file(folder / "tokenizer.json")
         if tokenizer.vocab_size > config.vocab_size:
@@ -183,7 +183,7 @@ class Engine:
 def describe_model(model: str, *, device: str | None = None, dtype: str | None = None,
                    attention: str = "auto") -> dict[str, str]:
     """Facts about a model without loading its weights (``santa info``)."""
-    folder = weights.resolve_model(model, allow_download=False)
+    folder = hub.resolve_model(model, allow_download=False)
     config = ModelConfig.from_file(folder / "config.json")
     tok = Tokenizer.from_file(folder / "tokenizer.json")
     dev = weights.choose_device(device)
@@ -207,7 +207,7 @@ def describe_model(model: str, *, device: str | None = None, dtype: str | None =
         "eos": str(tok.eos_id),
         "fim sentinels": fim_desc,
         "filename metadata": "yes (<filename>)" if tok.filename_id is not None else "no",
-        "weights on disk": f"{weights.weights_size(folder) / 1e6:.1f} MB",
+        "weights on disk": f"{hub.weights_size(folder) / 1e6:.1f} MB",
         "device": str(dev),
         "dtype": str(torch_dtype).removeprefix("torch."),
         "attention": select_backend(attention, dev, torch_dtype),
@@ -216,107 +216,6 @@ def describe_model(model: str, *, device: str | None = None, dtype: str | None =
 
 # ---------------------------------------------------------------------------------------------
 # Text completion
-
-
-@dataclass(frozen=True)
-class CompletionOptions:
-    """Options shared by every front end; see ``santa complete --help`` for their meaning."""
-
-    max_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    n: int = 1
-    mode: str = "auto"
-    fim_mode: str = "psm"
-    stop: tuple[str, ...] = ()
-    filename: str | None = None  # StarCoder <filename> metadata when the model has it
-    use_filename: bool = True
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise UsageError(f"max tokens must be >= 1, got {self.max_tokens}")
-        if not 1 <= self.n <= 16:
-            raise UsageError(f"candidates must be between 1 and 16, got {self.n}")
-        if self.fim_mode not in fim.FIM_MODES:
-            raise UsageError(f"fim mode must be psm or spm, got {self.fim_mode!r}")
-        if self.mode not in fim.COMPLETION_MODES:
-            raise UsageError(f"mode must be one of {', '.join(fim.COMPLETION_MODES)}, got {self.mode!r}")
-        SamplingParams(self.temperature, self.top_k, self.top_p, self.seed)  # validates
-
-
-@dataclass(frozen=True)
-class CompletionResult:
-    """The outcome of one completion request, with what the front ends report."""
-
-    text: str  # the first candidate
-    candidates: list[str]
-    stop_reasons: list[str]
-    mode: str
-    fim: bool  # False: left-to-right completion
-    fim_mode: str
-    prompt_tokens: int
-    reused_prompt_tokens: int
-    generated_tokens: int
-    time_to_first_token: float
-    tokens_per_second: float
-    elapsed: float
-    truncation: Truncation
-    model: str
-
-    @property
-    def stop_reason(self) -> str:
-        return self.stop_reasons[0]
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "completion": self.text,
-            "candidates": self.candidates,
-            "stop_reason": self.stop_reason,
-            "stop_reasons": self.stop_reasons,
-            "mode": self.mode,
-            "fim": self.fim,
-            "fim_mode": self.fim_mode if self.fim else None,
-            "model": self.model,
-            "tokens": {"prompt": self.prompt_tokens, "prompt_reused": self.reused_prompt_tokens,
-                       "generated": self.generated_tokens},
-            "timings": {"time_to_first_token_s": round(self.time_to_first_token, 4),
-                        "tokens_per_s": round(self.tokens_per_second, 2),
-                        "total_s": round(self.elapsed, 4)},
-            "truncated": {"prefix_chars": self.truncation.prefix_chars,
-                          "prefix_lines": self.truncation.prefix_lines,
-                          "suffix_chars": self.truncation.suffix_chars,
-                          "suffix_lines": self.truncation.suffix_lines},
-        }
-
-
-class ResultStream:
-    """What every completion stream offers front ends: iterate for the first candidate's text
-    as it arrives, then read ``result``; ``cancel()`` (from any thread, e.g. for a disconnected
-    client) ends it at the next piece, and the result then says ``cancelled``."""
-
-    def __init__(self) -> None:
-        self._result: CompletionResult | None = None
-        self.cancelled = False
-
-    def __iter__(self) -> Iterator[str]:
-        raise NotImplementedError
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    @property
-    def result(self) -> CompletionResult:
-        if self._result is None:
-            for _ in self:
-                pass
-        if self._result is None:
-            raise SantaError("the completion ended without a result")
-        return self._result
-
-    def text(self) -> str:
-        return self.result.text
 
 
 class CompletionStream(ResultStream):

@@ -280,6 +280,18 @@ def _bracket_balance(text: str) -> int:
     return sum(text.count(c) for c in "([{") - sum(text.count(c) for c in ")]}")
 
 
+def partial_match_length(text: str, candidates: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that begins one of ``candidates``: streamed text
+    that must be held back because it may still turn into that candidate."""
+    longest = 0
+    for cand in candidates:
+        for n in range(min(len(cand), len(text)), longest, -1):
+            if text.endswith(cand[:n]):
+                longest = n
+                break
+    return longest
+
+
 @dataclass
 class CompletionFilter:
     """Applies the stop rules of a mode to text as it is generated, and releases only text that
@@ -391,13 +403,7 @@ class CompletionFilter:
         first = self.suffix.split("\n", 1)[0].strip()
         if first:
             candidates.append(first)
-        hold = len(text)
-        for cand in candidates:
-            for n in range(min(len(cand), len(text)), 0, -1):
-                if text.endswith(cand[:n]):
-                    hold = min(hold, len(text) - n)
-                    break
-        text = text[:hold]
+        text = text[: len(text) - partial_match_length(text, candidates)]
         if self.mode == "line":
             return text.rstrip()
         # Hold back the current (incomplete) line and any trailing lines that may be a repeat

@@ -23,9 +23,9 @@ from dataclasses import replace
 from http.client import HTTPResponse
 from typing import Any
 
-from santacli import fim, weights
+from santacli import fim, hub
+from santacli.completion import CompletionOptions, CompletionResult, ResultStream
 from santacli.config import ModelConfig
-from santacli.engine import CompletionOptions, CompletionResult, ResultStream
 from santacli.errors import RemoteError, UsageError
 from santacli.tokenizer import Tokenizer
 
@@ -180,7 +180,7 @@ class RemoteEngine:
             if not model:
                 raise UsageError(f"--api {api} needs --model: the served model's tokenizer lays out "
                                  "the prompt")
-            folder = weights.resolve_model(model)
+            folder = hub.resolve_model(model)
             self.config = ModelConfig.from_file(folder / "config.json")
             self.tokenizer = Tokenizer.from_file(folder / "tokenizer.json")
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from santacli.engine import CompletionOptions, CompletionStream, Engine
 from santacli.errors import ContextLengthError, SantaError, UsageError
+from santacli.fim import partial_match_length
 from santacli.generate import SamplingParams
 
 log = logging.getLogger("santacli.server")
@@ -202,13 +203,7 @@ class StopText:
             return self._release(len(self.raw))
         if self.include:
             return self._release(len(self.raw))
-        hold = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(self.raw)), 0, -1):
-                if self.raw.endswith(stop[:n]):
-                    hold = max(hold, n)
-                    break
-        return self._release(len(self.raw) - hold)
+        return self._release(len(self.raw) - partial_match_length(self.raw, self.stops))
 
     def finish(self) -> str:
         return self._release(len(self.raw))

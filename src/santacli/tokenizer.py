@@ -6,10 +6,15 @@ The only module that imports ``tokenizers``.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from santacli.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer as HFTokenizer
 
 EOS_TEXTS = ("<|endoftext|>",)
 # Families of FIM sentinels: the spelling must be looked up, never assumed (a wrong spelling
@@ -42,6 +47,8 @@ class Tokenizer:
         self._tk = backend
         # User text that happens to spell a sentinel must stay plain text.
         self._tk.encode_special_tokens = True
+        self._raw: HFTokenizer | None = None  # see encode_raw
+        self._raw_lock = threading.Lock()
         self._vocab: dict[str, int] = self._tk.get_vocab(with_added_tokens=True)
         self.eos_id = next((self._vocab[t] for t in EOS_TEXTS if t in self._vocab), None)
         self.fim = self._find_fim()
@@ -86,11 +93,13 @@ class Tokenizer:
     def encode_raw(self, text: str) -> list[int]:
         """Token ids where spelled-out special tokens (``<fim-prefix>``...) become control tokens,
         as raw prompts from TGI/OpenAI clients that lay out FIM themselves expect."""
-        self._tk.encode_special_tokens = False
-        try:
-            return self._tk.encode(text, add_special_tokens=False).ids
-        finally:
-            self._tk.encode_special_tokens = True
+        with self._raw_lock:
+            if self._raw is None:
+                # A second backend with the other flag: flipping one shared flag per call would
+                # race with encode() on the server's other threads.
+                self._raw = type(self._tk).from_str(self._tk.to_str())
+                self._raw.encode_special_tokens = False
+        return self._raw.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tk.encode_batch(texts, add_special_tokens=False)]
