@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "santacli"
-FRONT_ENDS = {"cli", "repl", "repl_session", "server", "serving"}
+FRONT_ENDS = {"cli", "repl", "repl_session", "server", "server_base", "server_openai", "server_tgi", "serving"}
 # Which santacli modules each module may import.
 ALLOWED = {
     "errors": set(),
@@ -32,7 +32,8 @@ ALLOWED = {
 }
 # Third-party packages that only certain modules may import.
 OWNERS = {"huggingface_hub": {"hub"}, "safetensors": {"tensorfile"}, "tokenizers": {"tokenizer"},
-          "flash_attn": {"model"}, "typer": FRONT_ENDS, "rich": FRONT_ENDS, "fastapi": {"server"}, "starlette": {"server"},
+          "flash_attn": {"model"}, "typer": FRONT_ENDS, "rich": FRONT_ENDS, "fastapi": set(),
+          "starlette": {"server", "server_base", "server_openai", "server_tgi"},
           "uvicorn": {"server"}, "prompt_toolkit": {"repl"}, "transformers": set()}
 
 
