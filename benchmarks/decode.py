@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -61,7 +62,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 # name -> (family, dtype label, bytes per weight used for the bandwidth ceiling)
-ENGINES: dict[str, tuple[str, str, int]] = {
+ENGINES: dict[str, tuple[str, str, float]] = {
     "santa-fp32": ("santa", "float32", 4),
     "santa-bf16": ("santa", "bfloat16", 2),
     "santa-int8": ("santa", "int8", 1),
@@ -69,7 +70,12 @@ ENGINES: dict[str, tuple[str, str, int]] = {
     "hf-bf16": ("transformers", "bfloat16", 2),
     "ct2-fp32": ("ctranslate2", "float32", 4),
     "ct2-int8": ("ctranslate2", "int8", 1),
-    "llamacpp-f32": ("llama.cpp", "float32", 4),
+    # GGUF block formats: Q8_0 stores 32 int8 weights + one fp16 scale (8.5 bits), Q4_0 32
+    # 4-bit weights + one fp16 scale (4.5 bits).
+    "llamacpp-f32": ("llama.cpp", "f32", 4),
+    "llamacpp-f16": ("llama.cpp", "f16", 2),
+    "llamacpp-q8_0": ("llama.cpp", "q8_0", 1.0625),
+    "llamacpp-q4_0": ("llama.cpp", "q4_0", 0.5625),
 }
 DEFAULT_ENGINES = list(ENGINES)
 
@@ -453,10 +459,64 @@ def child_ct2(spec: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
+def child_gguf_quantize(spec: dict[str, Any]) -> dict[str, Any]:
+    """Q4_0 from the f16 GGUF with llama.cpp's own quantizer (the converter writes only f32/f16/q8_0)."""
+    import llama_cpp
+
+    t0 = time.perf_counter()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.nthread = spec["threads"]
+    rc = llama_cpp.llama_model_quantize(spec["src"].encode(), spec["out"].encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize returned {rc}")
+    return {"convert_s": time.perf_counter() - t0}
+
+
+def child_llamacpp(spec: dict[str, Any]) -> dict[str, Any]:
+    import llama_cpp
+    from tokenizers import Tokenizer
+
+    rss_base = _rss_now()
+    n_ctx = min(max([spec["prompt"] + spec["new"], *[n + 1 for n in spec["prefill"]]]) + 16,
+                json.loads((Path(spec["path"]) / "config.json").read_text())["n_positions"])
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=spec["gguf"], n_ctx=n_ctx, n_batch=n_ctx, n_threads=spec["threads"],
+                          n_threads_batch=spec["threads"], verbose=False)
+    load_s = time.perf_counter() - t0
+    rss_loaded, peak_loaded = _rss_now(), _peak_rss()
+    high = Tokenizer.from_file(str(Path(spec["path"]) / "tokenizer.json")).get_vocab_size(with_added_tokens=True) - 1
+
+    def first_step(ids: list[int], new: int) -> tuple[float, int, Any]:
+        llm.reset()
+        t = time.perf_counter()
+        # Greedy; generate() yields every sampled id (EOS included) until the caller stops.
+        it = llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True)
+        first = next(it)
+        return time.perf_counter() - t, first, itertools.islice(it, new - 1)
+
+    list(first_step(_prompt(16, 99, high), 4)[2])  # warm-up
+    res: dict[str, Any] = {"load_s": load_s, "weights_bytes": Path(spec["gguf"]).stat().st_size,
+                           "rss_base": rss_base, "rss_loaded": rss_loaded, "peak_rss_loaded": peak_loaded,
+                           "info": {"llama_cpp_python": llama_cpp.__version__, "n_ctx": n_ctx}}
+    if spec.get("decode", True):
+        ttft, first, it = first_step(_prompt(spec["prompt"], spec["seed"], high), spec["new"])
+        t = time.perf_counter()
+        rest = list(it)
+        dec = time.perf_counter() - t
+        res.update(ttft_s=ttft, decode_s=dec, decode_tps=len(rest) / dec, tokens=[first, *rest])
+    for length in spec["prefill"]:
+        seconds, _, _ = first_step(_prompt(length, spec["seed"], high), 1)
+        res[f"prefill_{length}_s"] = seconds
+    res["peak_rss"] = _peak_rss()
+    return res
+
+
 def run_child(spec: dict[str, Any]) -> None:
     kind = spec["kind"]
     fn = {"membw": child_membw, "santa": child_santa, "transformers": child_hf,
-          "ct2-convert": child_ct2_convert, "ctranslate2": child_ct2}[kind]
+          "ct2-convert": child_ct2_convert, "ctranslate2": child_ct2,
+          "gguf-quantize": child_gguf_quantize, "llama.cpp": child_llamacpp}[kind]
     out = fn(spec)
     print(RESULT_TAG + json.dumps(out), flush=True)
 
@@ -502,7 +562,35 @@ def probe_ct2_convert(folder: Path, quant: str, threads: int, notes: list[str]) 
     return out
 
 
-def available_engines(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
+def probe_gguf_convert(folder: Path, kind: str, threads: int, converter: Path, notes: list[str]) -> Path | None:
+    """``folder/gguf/model-<kind>.gguf``: f32/f16/q8_0 from llama.cpp's convert_hf_to_gguf.py,
+    q4_0 quantized from the f16 file by llama.cpp itself."""
+    out = folder / "gguf" / f"model-{kind}.gguf"
+    if out.is_file():
+        return out
+    out.parent.mkdir(exist_ok=True)
+    started = time.perf_counter()
+    if kind == "q4_0":
+        src = probe_gguf_convert(folder, "f16", threads, converter, notes)
+        if src is None:
+            return None
+        res = spawn({"kind": "gguf-quantize", "src": str(src), "out": str(out) + ".tmp", "threads": threads},
+                    timeout=1800)
+        error = res.get("error")
+    else:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run([sys.executable, str(converter), str(folder), "--outfile", str(out) + ".tmp",
+                               "--outtype", kind], capture_output=True, text=True, env=env, timeout=1800)
+        error = None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
+    if error:
+        notes.append(f"GGUF conversion ({kind}) of {folder.name} failed: {error[:300]}")
+        return None
+    os.replace(str(out) + ".tmp", out)
+    print(f"  converted {folder.name} to GGUF {kind} in {time.perf_counter() - started:.0f} s", flush=True)
+    return out
+
+
+def available_engines(wanted: list[str], converter: Path | None = None) -> tuple[list[str], dict[str, str]]:
     """The engines that can run here, and why the others cannot."""
     import inspect
 
@@ -518,11 +606,13 @@ def available_engines(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
             missing[name] = "not installed (pip install ctranslate2: a manylinux x86_64 wheel exists)"
         elif family == "llama.cpp":
             if importlib.util.find_spec("llama_cpp") is None:
-                missing[name] = ("not installed: llama-cpp-python has no binary wheel on PyPI for this platform "
-                                 "and a source build needs cmake and a C++ toolchain")
+                missing[name] = ("not installed: llama-cpp-python has no binary wheel on PyPI for this platform; "
+                                 "build it from source (see benchmarks/README.md)")
+            elif converter is None or not converter.is_file():
+                missing[name] = ("not run: needs llama.cpp's convert_hf_to_gguf.py (--llama-cpp-src DIR: "
+                                 "the vendor/llama.cpp folder of the llama-cpp-python sdist)")
             else:
-                missing[name] = ("not run: converting a GPTBigCode checkpoint to GGUF needs llama.cpp's "
-                                 "convert_hf_to_gguf.py, which this benchmark does not drive")
+                out.append(name)
         else:
             out.append(name)
     return out, missing
@@ -576,6 +666,10 @@ RATIOS = [  # (label, numerator engine, denominator engine)
     ("santa bf16 / transformers fp32", "santa-bf16", "hf-fp32"),
     ("santa fp32 / ctranslate2 fp32", "santa-fp32", "ct2-fp32"),
     ("santa int8 / ctranslate2 int8", "santa-int8", "ct2-int8"),
+    ("santa fp32 / llama.cpp f32", "santa-fp32", "llamacpp-f32"),
+    ("santa bf16 / llama.cpp f16", "santa-bf16", "llamacpp-f16"),
+    ("santa int8 / llama.cpp Q8_0", "santa-int8", "llamacpp-q8_0"),
+    ("santa int8 / llama.cpp Q4_0", "santa-int8", "llamacpp-q4_0"),
 ]
 
 
@@ -672,6 +766,8 @@ def main() -> None:
                         help="UTC time after which no new measurement starts (partial results are kept)")
     parser.add_argument("--prepare", action="store_true",
                         help="only build the checkpoints (and ctranslate2 conversions), measure nothing")
+    parser.add_argument("--llama-cpp-src", type=Path, default=os.environ.get("LLAMA_CPP_SRC"),
+                        help="llama.cpp source folder with convert_hf_to_gguf.py (for the llama.cpp engines)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -721,7 +817,8 @@ def main() -> None:
           f"started {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC", flush=True)
 
     notes: list[str] = []
-    engines, missing = available_engines(wanted)
+    converter = args.llama_cpp_src / "convert_hf_to_gguf.py" if args.llama_cpp_src else None
+    engines, missing = available_engines(wanted, converter)
     notes.extend(f"{name}: {why}" for name, why in missing.items())
     report: dict[str, Any] = {"command": command, "versions": versions, "cpu": cpu, "cpus": os.cpu_count(),
                               "threads": args.threads, "started": dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -744,8 +841,15 @@ def main() -> None:
             path = probe_ct2_convert(folder, ENGINES[eng][1], args.threads, notes)
             if path is not None:
                 ct2_paths[eng] = path
-        setups[name] = {"folder": folder, "ct2": ct2_paths,
-                        "engines": [e for e in engines if ENGINES[e][0] != "ctranslate2" or e in ct2_paths]}
+        gguf_paths: dict[str, Path] = {}
+        for eng in [e for e in engines if ENGINES[e][0] == "llama.cpp"]:
+            assert converter is not None
+            path = probe_gguf_convert(folder, ENGINES[eng][1], args.threads, converter, notes)
+            if path is not None:
+                gguf_paths[eng] = path
+        setups[name] = {"folder": folder, "ct2": ct2_paths, "gguf": gguf_paths,
+                        "engines": [e for e in engines if (ENGINES[e][0] != "ctranslate2" or e in ct2_paths)
+                                    and (ENGINES[e][0] != "llama.cpp" or e in gguf_paths)]}
         report["shapes"][name] = {"folder": str(folder), "shape": SHAPES[name], "params": param_counts(SHAPES[name]),
                                   "prompt": args.prompt, "new": args.new, "threads": args.threads,
                                   "prefill_lengths": prefill, "bandwidth": {}, "runs": []}
@@ -786,6 +890,8 @@ def main() -> None:
                         "prompt": args.prompt, "new": args.new, "prefill": lengths, "seed": 0}
                 if family == "ctranslate2":
                     spec.update(ct2_path=str(setup["ct2"][eng]), compute_type=dtype)
+                elif family == "llama.cpp":
+                    spec.update(gguf=str(setup["gguf"][eng]))
                 res = spawn(spec, timeout=1800)
                 res.update(engine=eng, rep=rep)
                 shape_res["runs"].append(res)
