@@ -21,6 +21,7 @@ import gzip
 import json
 import os
 import random
+import shlex
 import subprocess
 import sys
 import sysconfig
@@ -90,7 +91,9 @@ def main() -> None:
 
     engine = Engine.load(args.model, quantize=args.quantize)
     report: dict[str, object] = {"model": args.model, "fim_mode": args.fim_mode, "max_tokens": args.max_tokens,
-                                 "python": sys.version.split()[0]}
+                                 "python": sys.version.split()[0],
+                                 "command": shlex.join(["python", *sys.argv]),
+                                 "date": time.strftime("%Y-%m-%d", time.gmtime())}
     started = time.perf_counter()
 
     def fill(prefix: str, suffix: str) -> str:

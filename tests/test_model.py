@@ -189,3 +189,4 @@ def test_loaded_weights_do_not_alias_the_checkpoint_file(tmp_path, tokenizer):
             assert torch.equal(engine.logits(ids), before), kwargs
         finally:
             weights.write_bytes(data)
+

@@ -340,7 +340,7 @@ def evaluate(model, tok, files, h: Hyper, max_windows: int = 400) -> float:
 
     stream: list[int] = []
     for enc in tok.encode_batch([t for _, t in files], add_special_tokens=False):
-        stream += enc.ids + [EOS]
+        stream += [*enc.ids, EOS]
     T = h.n_positions
     n = min(max_windows, (len(stream) - 1) // T)
     data = torch.tensor(stream[: n * T + 1])
@@ -398,17 +398,40 @@ def export(model, cfg, tok, out: Path, card: dict) -> None:
     os.chmod(out / "model.safetensors", 0o644)
     tok.save(str(out / "tokenizer.json"))
     (out / "heldout_files.json").write_text(json.dumps(card["corpus"]["heldout_files"], indent=1) + "\n")
-    (out / "training_stats.json").write_text(
-        json.dumps({k: v for k, v in card.items() if k != "corpus"}
-                   | {"corpus": {k: v for k, v in card["corpus"].items() if k != "heldout_files"}},
-                   indent=2) + "\n")
+    write_stats(out, card)
     (out / "README.md").write_text(model_card(card))
     log(f"exported to {out}")
+
+
+def write_stats(out: Path, card: dict) -> None:
+    """``training_stats.json``: the card's facts (the held-out file list is its own file)."""
+    corpus = {k: v for k, v in card["corpus"].items() if k != "heldout_files"}
+    (out / "training_stats.json").write_text(
+        json.dumps({k: v for k, v in card.items() if k != "corpus"} | {"corpus": corpus}, indent=2) + "\n")
+
+
+def evaluation_section(ev: dict | None) -> str:
+    """The card's table of ``benchmarks/fim_eval.py`` results (added by ``--card-eval``)."""
+    if not ev:
+        return "Not yet run through `benchmarks/fim_eval.py`."
+    held, he = ev.get("heldout") or {}, ev.get("humaneval_single_line") or {}
+    lines = [f"Evaluation harness (`{ev.get('command', 'python benchmarks/fim_eval.py --model tiny')}`, "
+             f"greedy, `mode=line`, {ev.get('fim_mode', 'psm').upper()}; run {ev.get('date', '?')}):", "",
+             "| task | n | exact match | pass rate | baseline: repeat previous line |", "|---|---|---|---|---|"]
+    if held:
+        lines.append(f"| held-out stdlib lines (single-line FIM) | {held['lines']} | {held['exact_match']:.1%} "
+                     f"| - | {held['baseline_repeat_previous_line']:.1%} |")
+    if isinstance(he, dict) and he:
+        lines.append(f"| HumanEval single-line infilling | {he['tasks']} | {he['exact_match']:.1%} "
+                     f"| {he['pass_rate']:.1%} | - |")
+    return "\n".join(lines)
 
 
 def model_card(c: dict) -> str:
     corpus, h = c["corpus"], c["hyper"]
     ppl = math.exp(c["heldout_loss"]) if c.get("heldout_loss") is not None else float("nan")
+    early = (" - the schedule was completed by the wall-clock deadline before the planned steps"
+             if c.get("stopped_early") else "")
     return f"""---
 license: apache-2.0
 language: [code]
@@ -427,7 +450,9 @@ for real work.
 - Source: the `.py` files of the CPython {corpus['python_version']} standard library
   (`sysconfig.get_paths()["stdlib"]` of the interpreter that ran the pipeline), **excluding**
   `site-packages` and the test trees (`test/`, `*/tests/`, `idlelib/idle_test/`) and the
-  machine-generated `_sysconfigdata_*.py`. `idlelib` (non-test) is included.
+  machine-generated `_sysconfigdata_*.py`, and {len(corpus.get('excluded_data_tables', []))} files
+  of data rather than code: the codec tables `gencodec.py` generated in `encodings/`,
+  `pydoc_data/topics.py` and `html/entities.py`. `idlelib` (non-test) is included.
 - {corpus['n_files']} files ({corpus['train_chars']:,} + {corpus['heldout_chars']:,} characters);
   files that are not valid UTF-8 are skipped ({len(corpus['skipped_undecodable'])} skipped).
 - Split by file: a file is held out when `int(sha1(relative_path), 16) % 1000 < 30` (~3%):
@@ -466,7 +491,7 @@ vocab_size={h['vocab_size']}; {c['n_params']:,} parameters. Weights stored in fl
   steps, cosine decay to {h['min_lr_ratio']}x over {h['steps']} planned steps (or, if the
   wall-clock deadline comes first, over the time to the deadline), gradient clipping
   {h['grad_clip']}, batch {h['batch']} x {h['n_positions']} tokens, fp32, seed {SEED}.
-- Steps done: {c['steps_done']} ({c['tokens_trained']:,} tokens, {c['epochs']:.2f} epochs){' - the schedule was completed by the wall-clock deadline before the planned steps' if c.get('stopped_early') else ''}.
+- Steps done: {c['steps_done']} ({c['tokens_trained']:,} tokens, {c['epochs']:.2f} epochs){early}.
 - Wall time: {c['train_seconds'] / 60:.1f} min of training on {c['hardware']}, torch
   {c['torch_version']}, 2 threads.
 - Final train loss (mean of the last 50 steps): {c['train_loss']:.3f} nats/token.
@@ -478,9 +503,7 @@ vocab_size={h['vocab_size']}; {c['n_params']:,} parameters. Weights stored in fl
 Measured by the pipeline itself: held-out loss {c['heldout_loss']:.3f} / perplexity {ppl:.1f}
 (see above).
 
-<!-- EVALUATION: numbers from the separate evaluation harness go here (exact match on
-held-out lines for left-to-right and FIM, latency). -->
-_To be filled in by the evaluation harness._
+{evaluation_section(c.get('evaluation'))}
 
 ## Intended use and limits
 
@@ -526,7 +549,7 @@ def measure(args, corpus) -> None:
         cfg, model = build_model(h)
         opt = make_optimizer(model, h)
         x = torch.randint(0, v, (B, T + 1))
-        steps, t0, t_start = 0, None, time.time()
+        steps, t0 = 0, None
         while True:
             logits = model(x[:, :-1])
             loss = F.cross_entropy(logits.reshape(-1, v), x[:, 1:].reshape(-1))
@@ -543,6 +566,17 @@ def measure(args, corpus) -> None:
         tps = (steps - 2) * B * T / dt_
         log(f"candidate v={v} d={d} L={L} h={nh} T={T} B={B}: {cfg.num_parameters / 1e6:.2f}M params, "
             f"{tps:,.0f} tok/s ({dt_ / (steps - 2):.2f}s/step)")
+
+
+def rewrite_card(out: Path, eval_json: Path) -> None:
+    """Regenerate ``out/README.md`` from ``training_stats.json`` plus an evaluation result."""
+    stats_path = out / "training_stats.json"
+    stats = json.loads(stats_path.read_text())
+    stats["corpus"]["heldout_files"] = json.loads((out / "heldout_files.json").read_text())
+    stats["evaluation"] = json.loads(eval_json.read_text())
+    write_stats(out, stats)
+    (out / "README.md").write_text(model_card(stats))
+    log(f"model card rewritten with {eval_json}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -567,10 +601,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ckpt-minutes", type=float, default=10.0)
     ap.add_argument("--resume", action="store_true", help="continue from training/work/ckpt.pt")
     ap.add_argument("--measure", action="store_true", help="only measure vocab + throughput")
+    ap.add_argument("--card-eval", type=Path, metavar="JSON",
+                    help="only rewrite --out's model card with this benchmarks/fim_eval.py result")
     ap.add_argument("--measure-seconds", type=float, default=25.0)
     ap.add_argument("--candidates", nargs="*", default=["8192,256,4,4,512,16", "8192,384,6,6,512,16"],
                     help="vocab,n_embd,n_layer,n_head,n_positions,batch for --measure")
     args = ap.parse_args(argv)
+    if args.card_eval:
+        rewrite_card(args.out, args.card_eval)
+        return
 
     import torch
     import torch.nn.functional as F

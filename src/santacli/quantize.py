@@ -45,7 +45,8 @@ def quantize_int8(model: GPTBigCode) -> GPTBigCode:
 
     torch.backends.quantized.engine = "fbgemm"
     # lm_head shares wte's weight; give it its own module so only the projection is quantized.
-    head = nn.Linear(model.config.n_embd, model.config.vocab_size, bias=False)
+    # (Built on the meta device: a random init of a vocabulary-sized matrix took a second.)
+    head = nn.Linear(model.config.n_embd, model.config.vocab_size, bias=False, device="meta")
     head.weight = model.wte.weight
     model.lm_head = head
 
