@@ -20,7 +20,7 @@ from santacli.errors import CheckpointError, UsageError
 from santacli.generate import SamplingParams, TokenStream
 from santacli.model import GPTBigCode, KVCache, select_backend
 from santacli.promptcache import PromptCache
-from santacli.quantize import check_quantization, quantize_int8
+from santacli.quantize import check_quantization, int8_linear
 from santacli.tokenizer import Tokenizer
 
 
@@ -76,11 +76,8 @@ class Engine:
                 f"{folder}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
                 f"{config.vocab_size} embeddings; tokenizer.json does not belong to this model"
             )
-        net = weights.load_model(folder, config, device=dev, dtype=torch_dtype, backend=backend)
-        if quant == "int8":
-            net = quantize_int8(net)
-        elif dev.type == "cpu" and torch_dtype == torch.float32:
-            net.transpose_linear_weights()  # faster fp32 decode GEMV; see TransposedLinear
+        net = weights.load_model(folder, config, device=dev, dtype=torch_dtype, backend=backend,
+                                 convert_linear=int8_linear if quant == "int8" else None)
         info = LoadInfo(name=model, folder=folder, device=str(dev), dtype=str(torch_dtype).removeprefix("torch."),
                         attention=backend, quantize=quant, load_seconds=time.perf_counter() - started)
         return cls(net, tokenizer, info)

@@ -205,35 +205,6 @@ def project(layer: nn.Module, x: Tensor) -> Tensor:
     return layer(x)
 
 
-class TransposedLinear(nn.Module):
-    """A linear layer whose weight is stored transposed: (in, out), contiguous.
-
-    On the CPU in fp32, one-row products (every decode step) stream an (in, out) weight
-    measurably faster than nn.Linear's (out, in) one (about 15% in a 2-thread GEMV probe on
-    AVX2; see benchmarks/README.md), and prompt-sized products are no slower.
-    """
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
-        self.bias = linear.bias
-
-    def forward(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, self.in_features)
-        y = torch.mm(rows, self.weight_t) if self.bias is None else torch.addmm(self.bias, rows, self.weight_t)
-        return y.view(*x.shape[:-1], self.out_features)
-
-
-def replace_linears(model: nn.Module, convert: Callable[[nn.Linear], nn.Module]) -> None:
-    """Swap every nn.Linear for ``convert(linear)``, one at a time, so each old weight can be
-    freed before the next layer is converted (peak memory: the model plus one layer)."""
-    sites = [(parent, name) for parent in model.modules()
-             for name, child in parent.named_children() if type(child) is nn.Linear]
-    for parent, name in sites:
-        setattr(parent, name, convert(getattr(parent, name)))
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -310,7 +281,8 @@ class GPTBigCode(nn.Module):
             h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Tied to wte; int8 loading replaces it with a quantized copy (weights.load_model).
+        self.lm_head: nn.Module = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
         self.backend = backend
 
@@ -337,16 +309,6 @@ class GPTBigCode(nn.Module):
 
     def tie_weights(self) -> None:
         self.lm_head.weight = self.wte.weight
-
-    def transpose_linear_weights(self) -> None:
-        """Store every linear weight (in, out) for faster fp32 GEMV on the CPU (TransposedLinear).
-
-        The tied embedding becomes a strided view of the transposed lm_head, so the vocabulary
-        matrix is still held once; a row lookup reads it with a stride, which costs microseconds.
-        """
-        replace_linears(self, TransposedLinear)
-        head = cast(TransposedLinear, self.lm_head)
-        self.wte.weight = nn.Parameter(head.weight_t.t(), requires_grad=False)
 
     @property
     def backend(self) -> str:

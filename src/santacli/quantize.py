@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from santacli.errors import BackendError
-from santacli.model import GPTBigCode, replace_linears
 
 QUANTIZATIONS = ("none", "int8")
 
@@ -34,29 +33,15 @@ def check_quantization(mode: str | None, device: torch.device, dtype: torch.dtyp
     return mode
 
 
-def quantize_int8(model: GPTBigCode) -> GPTBigCode:
-    """Replace every nn.Linear with a dynamic int8 Linear, one layer at a time (in place).
-
-    Each float weight is released as soon as its int8 copy exists, so memory falls as it goes
-    (the loaded tensors are owned memory, not views of the file: see tensorfile.py).
-    """
+def int8_linear(linear: nn.Linear) -> nn.Module:
+    """``linear`` as a dynamic int8 Linear: int8 weights with per-output-channel scales."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
     from torch.ao.quantization import per_channel_dynamic_qconfig
 
     torch.backends.quantized.engine = "fbgemm"
-    # lm_head shares wte's weight; give it its own module so only the projection is quantized.
-    # (Built on the meta device: a random init of a vocabulary-sized matrix took a second.)
-    head = nn.Linear(model.config.n_embd, model.config.vocab_size, bias=False, device="meta")
-    head.weight = model.wte.weight
-    model.lm_head = head
-
-    def to_int8(linear: nn.Linear) -> nn.Module:
-        linear.qconfig = per_channel_dynamic_qconfig  # type: ignore[assignment]
-        return DynamicInt8Linear.from_float(linear)
-
+    linear.qconfig = per_channel_dynamic_qconfig  # type: ignore[assignment]
     with warnings.catch_warnings():
         # torch.ao's eager quantization is deprecated in favour of torchao, yet it is the only
         # int8 CPU matmul in core PyTorch; silence the notice rather than the user's terminal.
         warnings.simplefilter("ignore")
-        replace_linears(model, to_int8)
-    return model
+        return DynamicInt8Linear.from_float(linear)

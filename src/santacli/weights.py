@@ -7,10 +7,11 @@ unknown may be left over. Finding the folder is hub.py's job, reading the files 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from santacli import hub
 from santacli.config import ModelConfig
@@ -102,13 +103,15 @@ def _check_names_and_shapes(folder: Path, expected: dict[str, tuple[int, ...]],
         raise CheckpointError(f"{folder}: checkpoint does not match config.json; " + "; ".join(problems))
 
 
-def load_model(folder: Path, config: ModelConfig, *, device: torch.device, dtype: torch.dtype,
-               backend: str) -> GPTBigCode:
+def load_model(folder: Path, config: ModelConfig, *, device: torch.device, dtype: torch.dtype, backend: str,
+               convert_linear: Callable[[nn.Linear], nn.Module] | None = None) -> GPTBigCode:
     """Build the model on the meta device and fill it tensor by tensor from safetensors.
 
-    Names and shapes are checked against the config before any weights are read. Each tensor
-    is then read into owned memory and converted to ``dtype`` on ``device`` before the next one
-    is read, so the peak is the loaded model plus one tensor (see tensorfile.py).
+    Names and shapes are checked against the config before any weights are read. Tensors kept
+    as stored are views of the file's memory map; converted ones are read and converted one at
+    a time (see tensorfile.py). ``convert_linear`` (e.g. int8 quantization) replaces each linear
+    layer, the tied lm_head included, right after its weights are read, so the float copy of
+    the whole model never exists.
 
     Raises:
         CheckpointError: missing, unexpected, mis-shaped, non-float or corrupted tensors.
@@ -132,13 +135,41 @@ def load_model(folder: Path, config: ModelConfig, *, device: torch.device, dtype
     else:
         shapes = {k: source.entries[v].shape for k, v in names.items()}
     _check_names_and_shapes(folder, expected, shapes)
-    state = {}
-    for key in expected:
+
+    def fetch(key: str) -> Tensor:
         if converted:
-            state[key] = converted.pop(key).to(device=device, dtype=dtype)
-        else:
-            state[key] = source.read(names[key], dtype=dtype, device=device)
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
+            return converted.pop(key).to(device=device, dtype=dtype)
+        # A layer about to be converted is read into owned memory: a mapped view would keep
+        # the file's pages resident after the conversion.
+        return source.read(names[key], dtype=dtype, device=device, mapped=convert_linear is None)
+
+    if convert_linear is not None:
+        _load_converting_linears(model, fetch, convert_linear)
+    for key, param in list(model.named_parameters()):
+        if param.is_meta:  # not read yet (converted layers were read above)
+            module_path, _, attr = key.rpartition(".")
+            setattr(model.get_submodule(module_path), attr, nn.Parameter(fetch(key), requires_grad=False))
+    if convert_linear is None:
+        model.tie_weights()
+    else:
+        # The tied lm_head gets its own converted copy of the embedding matrix.
+        head = nn.Linear(config.n_embd, config.vocab_size, bias=False, device="meta")
+        head.weight = model.wte.weight
+        model.lm_head = convert_linear(head)
     model.eval().requires_grad_(False)
     return model
+
+
+def _load_converting_linears(model: GPTBigCode, fetch: Callable[[str], Tensor],
+                             convert: Callable[[nn.Linear], nn.Module]) -> None:
+    """Read each linear layer of the blocks and replace it with ``convert(layer)`` at once."""
+    for prefix, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear or child is model.lm_head:
+                continue
+            key = f"{prefix}.{name}" if prefix else name
+            child.weight = nn.Parameter(fetch(f"{key}.weight"), requires_grad=False)
+            if child.bias is not None:
+                child.bias = nn.Parameter(fetch(f"{key}.bias"), requires_grad=False)
+            setattr(parent, name, convert(child))
+
