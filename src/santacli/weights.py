@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -163,13 +164,16 @@ def load_model(folder: Path, config: ModelConfig, *, device: torch.device, dtype
 def _load_converting_linears(model: GPTBigCode, fetch: Callable[[str], Tensor],
                              convert: Callable[[nn.Linear], nn.Module]) -> None:
     """Read each linear layer of the blocks and replace it with ``convert(layer)`` at once."""
-    for prefix, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear or child is model.lm_head:
-                continue
-            key = f"{prefix}.{name}" if prefix else name
-            child.weight = nn.Parameter(fetch(f"{key}.weight"), requires_grad=False)
-            if child.bias is not None:
-                child.bias = nn.Parameter(fetch(f"{key}.bias"), requires_grad=False)
-            setattr(parent, name, convert(child))
-
+    # Names only: a list of the modules themselves would keep every float layer alive.
+    sites = [(prefix, name) for prefix, parent in model.named_modules()
+             for name, child in parent.named_children()
+             if type(child) is nn.Linear and child is not model.lm_head]
+    for prefix, name in sites:
+        parent = model.get_submodule(prefix)
+        layer = cast(nn.Linear, getattr(parent, name))
+        key = f"{prefix}.{name}" if prefix else name
+        layer.weight = nn.Parameter(fetch(f"{key}.weight"), requires_grad=False)
+        if layer.bias is not None:
+            layer.bias = nn.Parameter(fetch(f"{key}.bias"), requires_grad=False)
+        setattr(parent, name, convert(layer))
+        del layer
