@@ -743,6 +743,39 @@ def table(name: str, shape_res: dict[str, Any], prefill: list[int]) -> str:
     return "\n".join(lines)
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """README-ready tables of a finished run (``--markdown results/decode.json``)."""
+    out = [f"`{report['command']}` ({report['started'][:10]}; "
+           + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ")"]
+    for name, res in report["shapes"].items():
+        if "summary" not in res:
+            continue
+        prefill = res["prefill_lengths"]
+        bw = res["bandwidth"].get("read_gbps")
+        ceil = ", ".join(f"{k} {v:.1f}" for k, v in res["ceilings"].items())
+        out += ["", f"**{name}** ({res['params']['total'] / 1e6:,.0f}M parameters; read bandwidth "
+                    f"{fmt(bw, '.1f')} GB/s, so decode ceilings of {ceil} tok/s):", "",
+                "| engine | decode tok/s | % of ceiling | ttft (128) s | "
+                + " | ".join(f"prefill {n} s" for n in prefill) + " | load s | peak RSS GB (/ weights) |",
+                "|---" * (6 + len(prefill)) + "|"]
+        for eng, row in res["summary"].items():
+            if row.get("problem"):
+                continue
+            rss = row["peak_rss"] and f"{row['peak_rss'] / 1e9:.2f} ({fmt(row.get('rss_over_weights'), '.2f')})"
+            out.append(f"| {eng} | {fmt(row['decode_tps'], '.2f')} | {fmt(row['pct_of_ceiling'], '.0f', '%')} | "
+                       f"{fmt(row['ttft_s'], '.2f')} | "
+                       + " | ".join(fmt(row.get(f"prefill_{n}_s"), ".2f") for n in prefill)
+                       + f" | {fmt(row['load_s'], '.1f')} | {rss or '-'} |")
+        out += ["", "| santa / peer (> 1: santa faster) | decode | ttft | "
+                + " | ".join(f"prefill {n}" for n in prefill) + " | peak RSS (santa / peer) |",
+                "|---" * (4 + len(prefill)) + "|"]
+        for r in res["ratios"]:
+            out.append(f"| {r['label']} | {fmt(r['decode'], '.2f', 'x')} | {fmt(r['ttft'], '.2f', 'x')} | "
+                       + " | ".join(fmt(r.get(f"prefill_{n}"), ".2f", "x") for n in prefill)
+                       + f" | {fmt(r['peak_rss'], '.2f')} |")
+    return "\n".join(out)
+
+
 def past(deadline: dt.datetime | None) -> bool:
     return deadline is not None and dt.datetime.now(dt.timezone.utc) >= deadline
 
@@ -769,10 +802,14 @@ def main() -> None:
     parser.add_argument("--llama-cpp-src", type=Path, default=os.environ.get("LLAMA_CPP_SRC"),
                         help="llama.cpp source folder with convert_hf_to_gguf.py (for the llama.cpp engines)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--markdown", type=Path, metavar="JSON", help="print README tables of a finished run")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
         run_child(json.loads(args.child))
+        return
+    if args.markdown is not None:
+        print(markdown(json.loads(args.markdown.read_text())))
         return
 
     if args.quick:
