@@ -196,6 +196,7 @@ class FakeServer(ThreadingHTTPServer):
 
     def __init__(self) -> None:
         self.requests: list[dict] = []
+        self.error: tuple[int, dict] | None = None  # (status, body) to answer with instead
         super().__init__(("127.0.0.1", 0), FakeHandler)
 
 
@@ -216,6 +217,9 @@ class FakeHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.requests.append({"url_path": self.path, **body})
+        if self.server.error is not None:
+            self._reply(*self.server.error)
+            return
         text = self.server.completion
         self._reply(200, {"completion": text, "candidates": [text], "stop_reason": "eos", "mode": "block",
                           "tokens": {"prompt": 10, "generated": 5}, "timings": {}, "truncated": {}, "model": "fake"})
@@ -255,6 +259,26 @@ def test_accepts_server_completion(editor: str, fake_server: FakeServer, tmp_pat
     assert (request["url_path"], request["path"]) == ("/infill", "prog.py")
     assert (request["prefix"], request["suffix"]) == (prefix, suffix)
     assert request["max_tokens"] == MAX_TOKENS
+
+
+@pytest.mark.parametrize("editor", list(EDITORS))
+def test_reports_a_server_error_without_falling_back_to_the_cli(editor: str, fake_server: FakeServer,
+                                                               tmp_path: Path) -> None:
+    """A busy server is up: its message is shown, and no CLI run (a second model load) starts."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    fake_server.error = (503, {"error": {"message": "server is busy (17 requests in progress or queued); "
+                                                    "retry later", "type": "overloaded"}})
+    file = tmp_path / "prog.py"
+    file.write_text(TEXT)
+    url = f"http://127.0.0.1:{fake_server.server_address[1]}"
+    # A CLI fallback would fail on this model path with a different message.
+    job = Job(file, 2, 12, tmp_path / "no-model", url, tmp_path / "state.txt")
+    state, error, suggestion = run_editor(EDITORS[editor], job, tmp_path)[:3]
+    assert error == "santa: server: server is busy (17 requests in progress or queued); retry later"
+    assert (state, json.loads(suggestion)) == ("idle", "")
+    assert len(fake_server.requests) == 1
+    assert file.read_text() == TEXT
 
 
 @pytest.mark.parametrize("editor", list(EDITORS))

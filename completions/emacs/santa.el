@@ -64,7 +64,8 @@
           santa-args))
 
 (defun santa--run (command input done)
-  "Run COMMAND with INPUT on stdin; call DONE with (STATUS STDOUT STDERR) at its exit."
+  "Run COMMAND with INPUT on stdin.
+Call DONE with (STATUS STDOUT STDERR) when it exits."
   (let* ((out (generate-new-buffer " *santa-out*"))
          (err (generate-new-buffer " *santa-err*"))
          (err-pipe (make-pipe-process :name "santa-stderr" :buffer err :noquery t
@@ -135,17 +136,41 @@
                              ,@(when santa-mode-name `((mode . ,santa-mode-name)))))))
     (plist-put request :via 'server)
     (plist-put request :process
-               (santa--run (list santa-curl "-sS" "--fail" "--connect-timeout" "1"
+               ;; No --fail: an HTTP error has a body worth showing; the status comes last.
+               (santa--run (list santa-curl "-sS" "--connect-timeout" "1" "-w" "\n%{http_code}"
                                  "-H" "Content-Type: application/json" "--data-binary" "@-"
                                  (concat (string-remove-suffix "/" url) "/infill"))
                            body
                            (lambda (status stdout _stderr)
                              (when (eq request santa--request)
-                               (if (= status 0)
-                                   (santa--on-reply request stdout)
+                               (cond
+                                ((/= status 0)
                                  ;; no server: use the CLI, and skip the server for a while
                                  (setq santa--server-down-until (+ (float-time) 30))
-                                 (santa--via-cli request))))))))
+                                 (santa--via-cli request))
+                                ((string-match "\n\\([0-9][0-9][0-9]\\)[ \t\n]*\\'" stdout)
+                                 (let ((reply (substring stdout 0 (match-beginning 0)))
+                                       (code (match-string 1 stdout)))
+                                   (if (equal code "200")
+                                       (santa--on-reply request reply)
+                                     ;; the server answered with an error (busy, bad request): it is not down
+                                     (setq santa--request nil)
+                                     (santa--report (concat "santa: server: " (santa--server-error reply code))))))
+                                (t
+                                 (setq santa--request nil)
+                                 (santa--report (concat "santa: unexpected reply: "
+                                                        (truncate-string-to-width stdout 200)))))))))))
+
+(defun santa--server-error (body code)
+  "The message of a server's JSON error BODY, else \"HTTP CODE\".
+BODY has santa's, OpenAI's or TGI's error shape."
+  (let* ((reply (condition-case nil
+                    (json-parse-string body :object-type 'alist :null-object nil)
+                  (error nil)))
+         (err (and (consp reply) (alist-get 'error reply))))
+    (cond ((and (consp err) (stringp (alist-get 'message err))) (alist-get 'message err))
+          ((and (stringp err) (not (string-empty-p err))) err)
+          (t (concat "HTTP " code)))))
 
 ;;;###autoload
 (defun santa-complete ()

@@ -163,7 +163,8 @@ function! s:via_server(req, server) abort
   if !empty(s:opt('mode', ''))
     let body.mode = s:opt('mode', '')
   endif
-  let cmd = [s:opt('curl', 'curl'), '-sS', '--fail', '--connect-timeout', '1', '-H',
+  " No --fail: an HTTP error has a body worth showing; the status comes on a last line of its own.
+  let cmd = [s:opt('curl', 'curl'), '-sS', '--connect-timeout', '1', '-w', "\n%{http_code}", '-H',
         \ 'Content-Type: application/json', '--data-binary', '@-', substitute(a:server, '/$', '', '') . '/infill']
   let a:req.via = 'server'
   let a:req.job = s:job(cmd, json_encode(body), function('s:on_server', [a:req]))
@@ -173,13 +174,35 @@ function! s:on_server(req, status, out, err) abort
   if a:req isnot s:req
     return
   endif
-  if a:status == 0
-    call s:on_reply(a:req, a:out)
+  if a:status != 0
+    " no server: use the CLI and don't try the server again for a while
+    let s:server_down_until = localtime() + 30
+    call s:via_cli(a:req)
     return
   endif
-  " no server (or it failed): use the CLI and don't try the server again for a while
-  let s:server_down_until = localtime() + 30
-  call s:via_cli(a:req)
+  let m = matchlist(a:out, '\v^(\_.*)\n(\d{3})\s*$')
+  if !empty(m) && m[2] ==# '200'
+    call s:on_reply(a:req, m[1])
+    return
+  endif
+  " the server answered with an error (busy, bad request): say so, it is not down
+  let s:last_error = 'santa: server: ' . s:server_error(empty(m) ? a:out : m[1], empty(m) ? '?' : m[2])
+  let s:req = {}
+  echohl ErrorMsg | echomsg s:last_error | echohl None
+endfunction
+
+" The message of a server's JSON error body (santa's, OpenAI's or TGI's shape).
+function! s:server_error(body, status) abort
+  try
+    let reply = json_decode(a:body)
+  catch
+    return 'HTTP ' . a:status
+  endtry
+  let e = type(reply) == v:t_dict ? get(reply, 'error', '') : ''
+  if type(e) == v:t_dict && type(get(e, 'message', 0)) == v:t_string
+    return e.message
+  endif
+  return type(e) == v:t_string && !empty(e) ? e : 'HTTP ' . a:status
 endfunction
 
 function! s:via_cli(req) abort

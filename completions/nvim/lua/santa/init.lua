@@ -146,19 +146,37 @@ local function via_cli(req)
   end)
 end
 
+-- The error message of a server's JSON error body (santa's, OpenAI's or TGI's shape).
+local function server_error(body, status)
+  local ok, reply = pcall(vim.fn.json_decode, body)
+  if ok and type(reply) == "table" then
+    local e = reply.error
+    if type(e) == "table" and type(e.message) == "string" then return e.message end
+    if type(e) == "string" then return e end
+  end
+  return "HTTP " .. status
+end
+
 local function via_server(req, url)
   local body = { prefix = req.prefix, suffix = req.suffix, path = req.path,
                  max_tokens = M.config.max_tokens, mode = M.config.mode }
-  local cmd = { M.config.curl, "-sS", "--fail", "--connect-timeout", "1", "-H", "Content-Type: application/json",
-                "--data-binary", "@-", (url:gsub("/$", "")) .. "/infill" }
+  -- No --fail: an HTTP error has a body worth showing; the status comes on a last line of its own.
+  local cmd = { M.config.curl, "-sS", "--connect-timeout", "1", "-w", "\n%{http_code}",
+                "-H", "Content-Type: application/json", "--data-binary", "@-", (url:gsub("/$", "")) .. "/infill" }
   req.via = "server"
   req.job = run(cmd, vim.fn.json_encode(body), function(code, out)
     if req ~= request then return end
-    if code == 0 then
-      on_reply(req, out)
-    else -- no server: use the CLI, and don't try the server again for a while
+    if code ~= 0 then -- no server: use the CLI, and don't try the server again for a while
       server_down_until = os.time() + 30
       via_cli(req)
+      return
+    end
+    local reply, status = out:match("^(.*)\n(%d%d%d)%s*$")
+    if status == "200" then
+      on_reply(req, reply)
+    else -- the server answered with an error (busy, bad request): say so, it is not down
+      request = nil
+      report("santa: server: " .. server_error(reply or out, status or "?"))
     end
   end)
 end
