@@ -294,6 +294,25 @@ def child_membw(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _time_stream(spec: dict[str, Any], res: dict[str, Any], first_step: Any, token_id: Any, high: int,
+                 who: str) -> None:
+    """Decode and prefill timings through an engine's ``first_step(ids, new) -> (ttft, first id, rest)``."""
+    if spec.get("decode", True):
+        ttft, first, it = first_step(_prompt(spec["prompt"], spec["seed"], high), spec["new"])
+        t = time.perf_counter()
+        rest = [token_id(step) for step in it]
+        dec = time.perf_counter() - t
+        if len(rest) != spec["new"] - 1:
+            raise RuntimeError(f"{who} produced {len(rest) + 1} tokens, expected {spec['new']}")
+        res.update(ttft_s=ttft, decode_s=dec, decode_tps=len(rest) / dec, tokens=[first, *rest])
+    for length in spec["prefill"]:
+        seconds, _, rest_steps = first_step(_prompt(length, spec["seed"], high), 1)
+        for _ in rest_steps:  # let the engine finish the one-token request
+            pass
+        res[f"prefill_{length}_s"] = seconds
+    res["peak_rss"] = _peak_rss()
+
+
 def child_santa(spec: dict[str, Any]) -> dict[str, Any]:
     import inspect
 
@@ -332,18 +351,7 @@ def child_santa(spec: dict[str, Any]) -> dict[str, Any]:
     res: dict[str, Any] = {"load_s": load_s, "weights_bytes": weights, "rss_base": rss_base,
                            "rss_loaded": rss_loaded, "peak_rss_loaded": peak_loaded,
                            "info": {"dtype": engine.info.dtype, "attention": engine.info.attention}}
-    if spec.get("decode", True):
-        ttft, first, it = first_step(_prompt(spec["prompt"], spec["seed"], high), spec["new"])
-        t = time.perf_counter()
-        rest = [step[0] for step in it]
-        dec = time.perf_counter() - t
-        if len(rest) != spec["new"] - 1:
-            raise RuntimeError(f"santa produced {len(rest) + 1} tokens, expected {spec['new']}")
-        res.update(ttft_s=ttft, decode_s=dec, decode_tps=len(rest) / dec, tokens=[first, *rest])
-    for length in spec["prefill"]:
-        seconds, _, _ = first_step(_prompt(length, spec["seed"], high), 1)
-        res[f"prefill_{length}_s"] = seconds
-    res["peak_rss"] = _peak_rss()
+    _time_stream(spec, res, first_step, lambda step: step[0], high, "santa")
     return res
 
 
@@ -442,20 +450,7 @@ def child_ct2(spec: dict[str, Any]) -> dict[str, Any]:
     res: dict[str, Any] = {"load_s": load_s, "weights_bytes": weights, "rss_base": rss_base,
                            "rss_loaded": rss_loaded, "peak_rss_loaded": peak_loaded,
                            "info": {"ctranslate2": ctranslate2.__version__}}
-    if spec.get("decode", True):
-        ttft, first, it = first_step(_prompt(spec["prompt"], spec["seed"], high), spec["new"])
-        t = time.perf_counter()
-        rest = [step.token_id for step in it]
-        dec = time.perf_counter() - t
-        if len(rest) != spec["new"] - 1:
-            raise RuntimeError(f"ctranslate2 produced {len(rest) + 1} tokens, expected {spec['new']}")
-        res.update(ttft_s=ttft, decode_s=dec, decode_tps=len(rest) / dec, tokens=[first, *rest])
-    for length in spec["prefill"]:
-        seconds, _, it = first_step(_prompt(length, spec["seed"], high), 1)
-        for _ in it:
-            pass
-        res[f"prefill_{length}_s"] = seconds
-    res["peak_rss"] = _peak_rss()
+    _time_stream(spec, res, first_step, lambda step: step.token_id, high, "ctranslate2")
     return res
 
 
@@ -499,16 +494,7 @@ def child_llamacpp(spec: dict[str, Any]) -> dict[str, Any]:
     res: dict[str, Any] = {"load_s": load_s, "weights_bytes": Path(spec["gguf"]).stat().st_size,
                            "rss_base": rss_base, "rss_loaded": rss_loaded, "peak_rss_loaded": peak_loaded,
                            "info": {"llama_cpp_python": llama_cpp.__version__, "n_ctx": n_ctx}}
-    if spec.get("decode", True):
-        ttft, first, it = first_step(_prompt(spec["prompt"], spec["seed"], high), spec["new"])
-        t = time.perf_counter()
-        rest = list(it)
-        dec = time.perf_counter() - t
-        res.update(ttft_s=ttft, decode_s=dec, decode_tps=len(rest) / dec, tokens=[first, *rest])
-    for length in spec["prefill"]:
-        seconds, _, _ = first_step(_prompt(length, spec["seed"], high), 1)
-        res[f"prefill_{length}_s"] = seconds
-    res["peak_rss"] = _peak_rss()
+    _time_stream(spec, res, first_step, lambda token: token, high, "llama.cpp")
     return res
 
 
