@@ -38,7 +38,7 @@ def test_loads_offline_with_santacoder_sentinels(engine, monkeypatch):
 
 # santa-tiny v0 (8.8 M tokens, see its model card) does not pass these yet: issue #5 stays open.
 # strict: the day a retrained model passes, these fail until the marks are removed.
-UNDERTRAINED = pytest.mark.xfail(strict=True, reason="santa-tiny v0 is undertrained (model card, issue #5)")
+UNDERTRAINED = pytest.mark.xfail(strict=True, reason="santa-tiny is undertrained (model card, issue #5)")
 
 
 @UNDERTRAINED

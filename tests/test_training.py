@@ -97,5 +97,6 @@ def test_card_is_rewritten_with_the_evaluation_table(tmp_path):
     assert "| held-out stdlib lines (single-line FIM) | 300 | 20.0% | - | 1.0% |" in card
     assert "| HumanEval single-line infilling | 200 | 5.0% | 10.0% | - |" in card
     assert "1 files\n  of data rather than code" in card
+    assert "is **met**" in card
     saved = json.loads((tmp_path / "training_stats.json").read_text())
     assert saved["evaluation"] == result and "heldout_files" not in saved["corpus"]

@@ -424,6 +424,10 @@ def evaluation_section(ev: dict | None) -> str:
     if isinstance(he, dict) and he:
         lines.append(f"| HumanEval single-line infilling | {he['tasks']} | {he['exact_match']:.1%} "
                      f"| {he['pass_rate']:.1%} | - |")
+    if held:
+        met = held["exact_match"] >= 0.15 and held["exact_match"] > 2 * held["baseline_repeat_previous_line"]
+        lines += ["", "santacli's target for this model (held-out exact match of at least 15%, well above the "
+                  f"baseline) is **{'met' if met else 'not met'}**."]
     return "\n".join(lines)
 
 
