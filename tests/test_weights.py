@@ -215,8 +215,9 @@ def test_tensor_files_read_every_dtype_exactly_and_convert(tmp_path):
     reference = load_file(str(path))
     assert set(files.entries) == set(tensors)
     for name, expected in reference.items():
-        got = files.read(name)
-        assert got.dtype == expected.dtype and got.shape == expected.shape and torch.equal(got, expected), name
+        for mapped in (True, False):  # a view of the memory map, or read into owned memory
+            got = files.read(name, mapped=mapped)
+            assert got.dtype == expected.dtype and got.shape == expected.shape and torch.equal(got, expected), name
     assert files.read("f32", dtype=torch.bfloat16).equal(reference["f32"].to(torch.bfloat16))
     assert files.read("bf16", dtype=torch.float32).equal(reference["bf16"].float())
     assert not files.entries["i8"].is_float and files.entries["bf16"].is_float
