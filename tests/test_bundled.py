@@ -85,4 +85,5 @@ def test_wheel_carries_the_model_under_40_mb(tmp_path):
     assert wheel.stat().st_size < 40 * 2**20
     names = zipfile.ZipFile(wheel).namelist()
     assert "santacli/bundled/santa-tiny/model.safetensors" in names
+    assert "santacli/kernels/decode.c" in names  # the native decode step is built from it at first use
     assert not any(n.startswith("training/") for n in names)

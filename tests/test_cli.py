@@ -239,7 +239,8 @@ def test_ctrl_c_exits_130_and_leaves_file(tiny_checkpoint, tmp_path):
 
     from checkpoints import write_endless_checkpoint
 
-    big = write_endless_checkpoint(tmp_path / "m", n_positions=4096, n_embd=256, n_layer=8, n_head=4)
+    # ~14M parameters: 4,000 tokens must outlast the 5 s wait even with the native decode step.
+    big = write_endless_checkpoint(tmp_path / "m", n_positions=4096, n_embd=384, n_layer=8, n_head=6)
     target = tmp_path / "code.py"
     target.write_text("def f():\n    pass\n")
     before = target.read_bytes()

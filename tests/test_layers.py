@@ -26,9 +26,10 @@ ALLOWED = {
     "generate": {"errors", "model", "sampling"},
     "promptcache": {"model"},
     "engine": {"errors", "config", "model", "weights", "hub", "tokenizer", "fim", "generate", "promptcache",
-               "quantize", "completion"},
+               "quantize", "completion", "native"},
+    "native": {"errors", "model"},
     "remote": {"errors", "config", "hub", "tokenizer", "fim", "completion"},
-    "quantize": {"errors", "model"},
+    "quantize": {"errors"},
 }
 # Third-party packages that only certain modules may import.
 OWNERS = {"huggingface_hub": {"hub"}, "safetensors": {"tensorfile"}, "tokenizers": {"tokenizer"},

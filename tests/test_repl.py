@@ -265,18 +265,19 @@ def test_repl_session(tiny_checkpoint: Path, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def slow_checkpoint(tmp_path_factory, tokenizer) -> Path:
     """A model with a long context whose special tokens can never win, so generation runs to
-    max_tokens: slow enough to interrupt."""
+    max_tokens: slow enough to interrupt (~19M parameters: the native decode step makes a
+    2-layer toy generate 2,000 tokens in a fraction of a second)."""
     from checkpoints import random_state, tiny_config, write_checkpoint
 
-    cfg = tiny_config(n_positions=2048, vocab_size=tokenizer.get_vocab_size(with_added_tokens=True))
+    shape = {"n_positions": 2048, "n_embd": 512, "n_layer": 6, "n_head": 8}
+    cfg = tiny_config(**shape, vocab_size=tokenizer.get_vocab_size(with_added_tokens=True))
     state = random_state(cfg)
     # logits are ln_f(h) @ wte.T; LayerNorm's output has zero mean, so with a uniform weight and a
     # +3 bias every special's row of -1 scores exactly -3 * n_embd, far below the others
     state["transformer.ln_f.weight"].fill_(1.0)
     state["transformer.ln_f.bias"].fill_(3.0)
     state["transformer.wte.weight"][:5] = -1.0
-    return write_checkpoint(tmp_path_factory.mktemp("slow") / "model", tokenizer=tokenizer, state=state,
-                            n_positions=2048)
+    return write_checkpoint(tmp_path_factory.mktemp("slow") / "model", tokenizer=tokenizer, state=state, **shape)
 
 
 def test_repl_ctrl_c_cancels_generation(slow_checkpoint: Path, tmp_path: Path) -> None:

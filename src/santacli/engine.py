@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from santacli import fim, hub, weights
+from santacli import fim, hub, native, weights
 from santacli.completion import CompletionOptions, CompletionResult, ResultStream
 from santacli.config import ModelConfig
 from santacli.errors import CheckpointError, UsageError
@@ -34,6 +34,7 @@ class LoadInfo:
     dtype: str
     attention: str
     quantize: str
+    decode: str  # "native (avx512 ...)" or "pytorch (...why)"
     load_seconds: float
 
 
@@ -49,7 +50,8 @@ class Engine:
 
     @classmethod
     def load(cls, model: str, *, device: str | None = None, dtype: str | None = None,
-             attention: str = "auto", quantize: str | None = None, allow_download: bool = True) -> Engine:
+             attention: str = "auto", quantize: str | None = None, decode: str = "auto",
+             allow_download: bool = True) -> Engine:
         """Load a model by folder, alias or hub id.
 
         Args:
@@ -59,6 +61,8 @@ class Engine:
             dtype: ``float32``, ``bfloat16``, ``float16`` or None/``auto`` (fp32 on CPU, bf16 on CUDA).
             attention: ``auto``, ``flash``, ``sdpa`` or ``eager``.
             quantize: None/``none`` or ``int8`` (CPU: int8 weights, per-channel scales).
+            decode: ``auto`` (the native CPU step where it builds, else PyTorch), ``native`` (an
+                error where it cannot run) or ``pytorch``.
 
         Raises:
             ModelNotFoundError, ConfigError, CheckpointError, BackendError.
@@ -68,6 +72,7 @@ class Engine:
         torch_dtype = weights.choose_dtype(dtype, dev)
         backend = select_backend(attention, dev, torch_dtype)
         quant = check_quantization(quantize, dev, torch_dtype)
+        native.check_decode(decode, dev)
         folder = hub.resolve_model(model, allow_download=allow_download)
         config = ModelConfig.from_file(folder / "config.json")
         tokenizer = Tokenizer.from_file(folder / "tokenizer.json")
@@ -78,8 +83,10 @@ class Engine:
             )
         net = weights.load_model(folder, config, device=dev, dtype=torch_dtype, backend=backend,
                                  convert_linear=int8_linear if quant == "int8" else None)
+        decode_desc = native.attach(net, decode)
         info = LoadInfo(name=model, folder=folder, device=str(dev), dtype=str(torch_dtype).removeprefix("torch."),
-                        attention=backend, quantize=quant, load_seconds=time.perf_counter() - started)
+                        attention=backend, quantize=quant, decode=decode_desc,
+                        load_seconds=time.perf_counter() - started)
         return cls(net, tokenizer, info)
 
     @property
@@ -208,6 +215,7 @@ def describe_model(model: str, *, device: str | None = None, dtype: str | None =
         "device": str(dev),
         "dtype": str(torch_dtype).removeprefix("torch."),
         "attention": select_backend(attention, dev, torch_dtype),
+        "decode": native.describe(dev),
     }
 
 

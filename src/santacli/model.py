@@ -285,6 +285,8 @@ class GPTBigCode(nn.Module):
         self.lm_head: nn.Module = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
         self.backend = backend
+        # A one-token cached step may run elsewhere (native.NativeDecoder); set at load time.
+        self.decoder: Callable[[Tensor, int, KVCache], Tensor] | None = None
 
     # Typed views of the checkpoint-named submodules (ModuleDict access is untyped).
     @property
@@ -341,6 +343,8 @@ class GPTBigCode(nn.Module):
             raise ContextLengthError(
                 f"{end} tokens exceed the context length of this model ({limit} positions)"
             )
+        if T == 1 and last_only and cache is not None and self.decoder is not None:
+            return self.decoder(input_ids, start_pos, cache)
         # Learned positions: a slice of wpe, so no position tensor is built per step.
         x = self.wte(input_ids) + self.wpe.weight[start_pos:end]
         for i, block in enumerate(self.blocks):

@@ -1,0 +1,276 @@
+"""The native CPU decode step (``kernels/decode.c``): build it, load it, bind a model to it.
+
+The C source ships with the package and is compiled on first use with the machine's C compiler
+(``$CC``, else ``cc``/``gcc``) for the CPU it runs on (``-march=native``), into the user cache
+folder, keyed by the source, the flags and the CPU. Where no compiler works, or with
+``SANTA_NATIVE=0``, santa decodes with PyTorch alone; :func:`status` says which and why.
+
+A :class:`NativeDecoder` is bound to one loaded model: it keeps fp32 copies of the small vectors
+(biases, LayerNorm parameters) and pointers to the weights PyTorch owns, and runs one decode
+step per call for every row of a KV cache.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from santacli.errors import BackendError
+from santacli.model import GPTBigCode, KVCache
+
+DECODE_MODES = ("auto", "native", "pytorch")
+
+SOURCE = Path(__file__).parent / "kernels" / "decode.c"
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC",
+         "-std=c11")
+_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}
+_ACTIVATIONS = {"gelu_pytorch_tanh": 0, "gelu_new": 0, "gelu_fast": 1, "gelu": 2, "relu": 3, "silu": 4, "tanh": 5}
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("weight", _P), ("scale", _P), ("wsum", _P), ("bias", _P), ("rows", _I64), ("cols", _I64),
+                ("wtype", ctypes.c_int32), ("pad_", ctypes.c_int32)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("ln_1_w", _P), ("ln_1_b", _P), ("ln_2_w", _P), ("ln_2_b", _P),
+                ("c_attn", _Linear), ("attn_proj", _Linear), ("c_fc", _Linear), ("mlp_proj", _Linear)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [("n_embd", _I64), ("n_head", _I64), ("kv_heads", _I64), ("head_dim", _I64), ("inner", _I64),
+                ("n_layer", _I64), ("vocab", _I64), ("cache_batch", _I64), ("cache_len", _I64),
+                ("multi_query", ctypes.c_int32), ("activation", ctypes.c_int32), ("cache_type", ctypes.c_int32),
+                ("emb_type", ctypes.c_int32), ("eps", ctypes.c_float), ("attn_scale", ctypes.c_float),
+                ("wte", _P), ("wpe", _P), ("ln_f_w", _P), ("ln_f_b", _P), ("k_cache", _P), ("v_cache", _P),
+                ("layers", ctypes.POINTER(_Layer)), ("lm_head", _Linear)]
+
+
+@dataclass(frozen=True)
+class NativeStatus:
+    available: bool
+    detail: str  # "avx512 (16 lanes), /path/to/lib.so", or why it is unavailable
+
+
+_lock = threading.Lock()
+_loaded: tuple[ctypes.CDLL | None, NativeStatus] | None = None
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [line for line in info.splitlines() if line.startswith(("model name", "flags", "Features"))]
+    return "\n".join(sorted(set(keep)))
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cache_dir() -> Path:
+    import platformdirs
+
+    return platformdirs.user_cache_path("santacli") / "kernels"
+
+
+def _build(cc: str, flags: tuple[str, ...]) -> Path:
+    """Compile decode.c unless a build for this source, compiler, flags and CPU is cached."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *flags, _cpu_signature()]).encode())
+    target = _cache_dir() / f"decode-{key.hexdigest()[:16]}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+                              timeout=300)
+        if proc.returncode != 0:
+            first = (proc.stderr.strip().splitlines() or ["no output"])[0]
+            raise OSError(f"{cc} failed: {first}")
+        os.replace(tmp, target)  # atomic: concurrent builds of the same key are harmless
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load() -> tuple[ctypes.CDLL | None, NativeStatus]:
+    global _loaded
+    with _lock:
+        if _loaded is None:
+            _loaded = _try_load()
+        return _loaded
+
+
+def _try_load() -> tuple[ctypes.CDLL | None, NativeStatus]:
+    if os.environ.get("SANTA_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, NativeStatus(False, "disabled by SANTA_NATIVE=0")
+    try:
+        lib, path = load_library()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, NativeStatus(False, str(exc))
+    lanes = lib.santa_simd_width()
+    isa = {16: "avx512", 8: "avx2"}.get(lanes, "plain C")
+    return lib, NativeStatus(True, f"{isa} ({lanes} lanes), {path}")
+
+
+def load_library(extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL, Path]:
+    """Build (or find in the cache) and load the kernel; ``extra_flags`` (e.g. ``-mno-avx512f``)
+    select another instruction set, which the tests use to check every code path.
+
+    Raises:
+        OSError: no compiler, or the build failed.
+    """
+    cc = _compiler()
+    if cc is None:
+        raise OSError("no C compiler found; set CC")
+    path = _build(cc, FLAGS + extra_flags)
+    lib = ctypes.CDLL(str(path))
+    lib.santa_decode.argtypes = [ctypes.POINTER(_Model), _P, _I64, _I64, _P, _P, ctypes.c_int32]
+    lib.santa_decode.restype = None
+    lib.santa_workspace_floats.argtypes = [ctypes.POINTER(_Model), _I64]
+    lib.santa_workspace_floats.restype = _I64
+    lib.santa_simd_width.restype = ctypes.c_int32
+    return lib, path
+
+
+def status() -> NativeStatus:
+    """Whether the native decode step is usable here (builds it on first call)."""
+    return _load()[1]
+
+
+def supports(model: GPTBigCode) -> str | None:
+    """None when ``model`` can decode natively, else the reason it cannot."""
+    if model.device.type != "cpu":
+        return "the native decode step runs on the CPU only"
+    if model.wte.weight.dtype not in _TYPES or model.wte.weight.dtype == torch.int8:
+        return f"embeddings of dtype {model.wte.weight.dtype} are not supported"
+    return None
+
+
+class NativeDecoder:
+    """One decode step of ``model`` in C for every row of a KV cache."""
+
+    def __init__(self, model: GPTBigCode, lib: ctypes.CDLL) -> None:
+        self._lib = lib
+        self._keep: list[Tensor] = []  # every tensor a pointer refers to stays alive
+        c = model.config
+        wte = model.wte.weight
+        self._vocab = c.vocab_size
+        self._layers = (_Layer * c.n_layer)()
+        for i, block in enumerate(model.blocks):
+            attn, mlp = block.attn, block.mlp
+            self._layers[i] = _Layer(
+                self._vec(block.ln_1.weight), self._vec(block.ln_1.bias),
+                self._vec(block.ln_2.weight), self._vec(block.ln_2.bias),
+                self._linear(attn.c_attn), self._linear(attn.c_proj), self._linear(mlp.c_fc), self._linear(mlp.c_proj),
+            )
+        self._model = _Model(
+            n_embd=c.n_embd, n_head=c.n_head, kv_heads=c.kv_heads, head_dim=c.head_dim, inner=c.inner_dim,
+            n_layer=c.n_layer, vocab=c.vocab_size, cache_batch=0, cache_len=0,
+            multi_query=int(c.multi_query), activation=_ACTIVATIONS[c.activation_function],
+            cache_type=_TYPES[wte.dtype], emb_type=_TYPES[wte.dtype], eps=c.layer_norm_epsilon,
+            attn_scale=c.head_dim**-0.5 if c.scale_attn_weights else 1.0,
+            wte=self._ptr(wte), wpe=self._ptr(model.wpe.weight),
+            ln_f_w=self._vec(model.ln_f.weight), ln_f_b=self._vec(model.ln_f.bias),
+            k_cache=None, v_cache=None, layers=self._layers, lm_head=self._linear(model.lm_head),
+        )
+        self._cache_dtype = wte.dtype
+        self._work: Tensor | None = None
+
+    def _ptr(self, t: Tensor) -> int:
+        if not t.is_contiguous():
+            t = t.contiguous()
+        self._keep.append(t)
+        return t.data_ptr()
+
+    def _vec(self, t: Tensor | None) -> int | None:
+        return None if t is None else self._ptr(t.detach().float())
+
+    def _linear(self, layer: nn.Module) -> _Linear:
+        weight = layer.weight
+        scale = getattr(layer, "scale", None)
+        if weight.dtype not in _TYPES or (weight.dtype == torch.int8) != isinstance(scale, Tensor):
+            raise TypeError(f"unsupported linear layer {type(layer).__name__} ({weight.dtype})")
+        bias = getattr(layer, "bias", None)
+        rows, cols = weight.shape
+        # Row sums of int8 weights: the VNNI kernel feeds activations offset by +128.
+        wsum = self._ptr(weight.sum(dim=1, dtype=torch.int32)) if weight.dtype == torch.int8 else None
+        return _Linear(self._ptr(weight.detach()), self._vec(scale), wsum, self._vec(bias), rows, cols,
+                       _TYPES[weight.dtype], 0)
+
+    def __call__(self, ids: Tensor, start_pos: int, cache: KVCache) -> Tensor:
+        """Logits (B, 1, vocab) fp32 for one new token per row at ``start_pos``."""
+        B = ids.shape[0]
+        m = self._model
+        if cache.k.dtype != self._cache_dtype:
+            raise TypeError(f"KV cache dtype {cache.k.dtype} does not match the model")
+        m.k_cache, m.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
+        m.cache_batch, m.cache_len = cache.batch, cache.max_len
+        need = self._lib.santa_workspace_floats(ctypes.byref(m), B)
+        if self._work is None or self._work.numel() < need:
+            self._work = torch.empty(need, dtype=torch.float32)
+        ids64 = ids.reshape(B).to(torch.int64).contiguous()
+        logits = torch.empty((B, 1, self._vocab), dtype=torch.float32)
+        self._lib.santa_decode(ctypes.byref(m), ids64.data_ptr(), B, start_pos, logits.data_ptr(),
+                               self._work.data_ptr(), torch.get_num_threads())
+        return logits
+
+
+def describe(device: torch.device) -> str:
+    """How one-token steps would run on ``device`` with ``decode="auto"`` (``santa info``)."""
+    if device.type != "cpu":
+        return "pytorch"
+    state = status()
+    return f"native {state.detail}" if state.available else f"pytorch (native step unavailable: {state.detail})"
+
+
+def check_decode(mode: str, device: torch.device) -> None:
+    """Validate a ``--decode`` request before any weights are loaded."""
+    if mode not in DECODE_MODES:
+        raise BackendError(f"unknown decode mode {mode!r}; choose one of {', '.join(DECODE_MODES)}")
+    if mode == "native":
+        if device.type != "cpu":
+            raise BackendError("--decode native runs on the CPU; drop it (or use --decode pytorch) on CUDA")
+        state = status()
+        if not state.available:
+            raise BackendError(f"--decode native is unavailable here ({state.detail}); use --decode pytorch")
+
+
+def attach(model: GPTBigCode, mode: str) -> str:
+    """Choose how ``model`` runs one-token steps (once, at load time); describe the choice."""
+    model.decoder = None
+    if mode == "pytorch":
+        return "pytorch"
+    reason = supports(model)
+    if reason is not None:
+        if mode == "native":
+            raise BackendError(f"--decode native: {reason}")
+        return f"pytorch ({reason})"
+    lib, state = _load()
+    if lib is None:
+        return f"pytorch (native step unavailable: {state.detail})"
+    model.decoder = NativeDecoder(model, lib)
+    return "native " + state.detail.split(",")[0]
