@@ -548,6 +548,21 @@ def probe_ct2_convert(folder: Path, quant: str, threads: int, notes: list[str]) 
     return out
 
 
+def gguf_staging_folder(folder: Path) -> Path | None:
+    """``folder``'s config and weights (linked) with StarCoder's tokenizer from ../shared/data."""
+    tokenizer = SHARED / "starcoder_tokenizer.json"
+    if not tokenizer.is_file():
+        return None
+    staging = folder / "gguf" / "staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        link = staging / name
+        if not link.exists():
+            link.symlink_to(folder / name)
+    shutil.copyfile(tokenizer, staging / "tokenizer.json")
+    return staging
+
+
 def probe_gguf_convert(folder: Path, kind: str, threads: int, converter: Path, notes: list[str]) -> Path | None:
     """``folder/gguf/model-<kind>.gguf``: f32/f16/q8_0 from llama.cpp's convert_hf_to_gguf.py,
     q4_0 quantized from the f16 file by llama.cpp itself."""
@@ -565,9 +580,22 @@ def probe_gguf_convert(folder: Path, kind: str, threads: int, converter: Path, n
         error = res.get("error")
     else:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
-        proc = subprocess.run([sys.executable, str(converter), str(folder), "--outfile", str(out) + ".tmp",
-                               "--outtype", kind], capture_output=True, text=True, env=env, timeout=1800)
-        error = None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
+        source = folder
+        for attempt in range(2):
+            proc = subprocess.run([sys.executable, str(converter), str(source), "--outfile", str(out) + ".tmp",
+                                   "--outtype", kind], capture_output=True, text=True, env=env, timeout=1800)
+            error = None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
+            if attempt or not error or "pre-tokenizer was not recognized" not in error:
+                break
+            # llama.cpp's converter identifies a BPE tokenizer by hashing its output and does not
+            # know SantaCoder's. The weights are random and the prompts are token ids, so convert
+            # the same weights with StarCoder's (known) tokenizer; the vocabulary is padded to
+            # the config's vocab_size either way.
+            source = gguf_staging_folder(folder)
+            if source is None:
+                break
+            notes.append(f"GGUF ({folder.name}): converted with StarCoder's tokenizer, which llama.cpp's "
+                         "converter recognizes (it does not know SantaCoder's); same weights")
     if error:
         notes.append(f"GGUF conversion ({kind}) of {folder.name} failed: {error[:300]}")
         return None

@@ -20,7 +20,7 @@ from santacli.errors import CheckpointError, UsageError
 from santacli.generate import SamplingParams, TokenStream
 from santacli.model import GPTBigCode, KVCache, select_backend
 from santacli.promptcache import PromptCache
-from santacli.quantize import check_quantization, int8_linear
+from santacli.quantize import check_quantization, int8_embedding, int8_linear
 from santacli.tokenizer import Tokenizer
 
 
@@ -81,8 +81,10 @@ class Engine:
                 f"{folder}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
                 f"{config.vocab_size} embeddings; tokenizer.json does not belong to this model"
             )
+        int8 = quant == "int8"
         net = weights.load_model(folder, config, device=dev, dtype=torch_dtype, backend=backend,
-                                 convert_linear=int8_linear if quant == "int8" else None)
+                                 convert_linear=int8_linear if int8 else None,
+                                 tied_embedding=int8_embedding if int8 else None)
         decode_desc = native.attach(net, decode)
         info = LoadInfo(name=model, folder=folder, device=str(dev), dtype=str(torch_dtype).removeprefix("torch."),
                         attention=backend, quantize=quant, decode=decode_desc,

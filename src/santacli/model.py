@@ -281,7 +281,8 @@ class GPTBigCode(nn.Module):
             h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
-        # Tied to wte; int8 loading replaces it with a quantized copy (weights.load_model).
+        # Tied to wte. int8 loading quantizes this head and makes wte a view of its int8 rows
+        # (quantize.Int8Embedding), so the tie survives quantization.
         self.lm_head: nn.Module = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
         self.backend = backend
@@ -290,8 +291,9 @@ class GPTBigCode(nn.Module):
 
     # Typed views of the checkpoint-named submodules (ModuleDict access is untyped).
     @property
-    def wte(self) -> nn.Embedding:
-        return cast(nn.Embedding, self.transformer["wte"])
+    def wte(self) -> nn.Module:
+        """nn.Embedding, or quantize.Int8Embedding in an int8 model; either has ``weight``."""
+        return cast(nn.Module, self.transformer["wte"])
 
     @property
     def wpe(self) -> nn.Embedding:
@@ -307,7 +309,12 @@ class GPTBigCode(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.wte.weight.device
+        return self.wpe.weight.device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The activations' and KV cache's dtype (wpe is never quantized)."""
+        return self.wpe.weight.dtype
 
     def tie_weights(self) -> None:
         self.lm_head.weight = self.wte.weight
@@ -324,9 +331,8 @@ class GPTBigCode(nn.Module):
         self._attend = _BACKEND_FNS[name]
 
     def new_cache(self, *, batch: int = 1, max_len: int | None = None) -> KVCache:
-        weight = self.wte.weight
         length = self.config.n_positions if max_len is None else min(max_len, self.config.n_positions)
-        return KVCache(self.config, batch=batch, max_len=length, dtype=weight.dtype, device=weight.device)
+        return KVCache(self.config, batch=batch, max_len=length, dtype=self.compute_dtype, device=self.device)
 
     def forward(self, input_ids: Tensor, *, start_pos: int = 0, cache: KVCache | None = None,
                 last_only: bool = False) -> Tensor:

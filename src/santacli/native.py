@@ -22,12 +22,13 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
 from santacli.errors import BackendError
-from santacli.model import GPTBigCode, KVCache
+from santacli.model import Block, GPTBigCode, KVCache
 
 DECODE_MODES = ("auto", "native", "pytorch")
 
@@ -55,8 +56,10 @@ class _Model(ctypes.Structure):
     _fields_ = [("n_embd", _I64), ("n_head", _I64), ("kv_heads", _I64), ("head_dim", _I64), ("inner", _I64),
                 ("n_layer", _I64), ("vocab", _I64), ("cache_batch", _I64), ("cache_len", _I64),
                 ("multi_query", ctypes.c_int32), ("activation", ctypes.c_int32), ("cache_type", ctypes.c_int32),
-                ("emb_type", ctypes.c_int32), ("eps", ctypes.c_float), ("attn_scale", ctypes.c_float),
-                ("wte", _P), ("wpe", _P), ("ln_f_w", _P), ("ln_f_b", _P), ("k_cache", _P), ("v_cache", _P),
+                ("wte_type", ctypes.c_int32), ("wpe_type", ctypes.c_int32), ("pad_", ctypes.c_int32),
+                ("eps", ctypes.c_float), ("attn_scale", ctypes.c_float),
+                ("wte", _P), ("wpe", _P), ("wte_scale", _P), ("ln_f_w", _P), ("ln_f_b", _P),
+                ("k_cache", _P), ("v_cache", _P),
                 ("layers", ctypes.POINTER(_Layer)), ("lm_head", _Linear)]
 
 
@@ -165,8 +168,8 @@ def supports(model: GPTBigCode) -> str | None:
     """None when ``model`` can decode natively, else the reason it cannot."""
     if model.device.type != "cpu":
         return "the native decode step runs on the CPU only"
-    if model.wte.weight.dtype not in _TYPES or model.wte.weight.dtype == torch.int8:
-        return f"embeddings of dtype {model.wte.weight.dtype} are not supported"
+    if model.compute_dtype not in _TYPES or model.compute_dtype == torch.int8:
+        return f"activations of dtype {model.compute_dtype} are not supported"
     return None
 
 
@@ -177,10 +180,13 @@ class NativeDecoder:
         self._lib = lib
         self._keep: list[Tensor] = []  # every tensor a pointer refers to stays alive
         c = model.config
-        wte = model.wte.weight
+        wte = cast(Tensor, model.wte.weight)
+        wte_scale = getattr(model.wte, "scale", None)  # an int8 embedding (quantize.Int8Embedding)
+        dtype = model.compute_dtype
         self._vocab = c.vocab_size
         self._layers = (_Layer * c.n_layer)()
-        for i, block in enumerate(model.blocks):
+        for i, module in enumerate(model.blocks):
+            block = cast(Block, module)
             attn, mlp = block.attn, block.mlp
             self._layers[i] = _Layer(
                 self._vec(block.ln_1.weight), self._vec(block.ln_1.bias),
@@ -191,13 +197,13 @@ class NativeDecoder:
             n_embd=c.n_embd, n_head=c.n_head, kv_heads=c.kv_heads, head_dim=c.head_dim, inner=c.inner_dim,
             n_layer=c.n_layer, vocab=c.vocab_size, cache_batch=0, cache_len=0,
             multi_query=int(c.multi_query), activation=_ACTIVATIONS[c.activation_function],
-            cache_type=_TYPES[wte.dtype], emb_type=_TYPES[wte.dtype], eps=c.layer_norm_epsilon,
-            attn_scale=c.head_dim**-0.5 if c.scale_attn_weights else 1.0,
-            wte=self._ptr(wte), wpe=self._ptr(model.wpe.weight),
+            cache_type=_TYPES[dtype], wte_type=_TYPES[wte.dtype], wpe_type=_TYPES[dtype], pad_=0,
+            eps=c.layer_norm_epsilon, attn_scale=c.head_dim**-0.5 if c.scale_attn_weights else 1.0,
+            wte=self._ptr(wte), wpe=self._ptr(model.wpe.weight), wte_scale=self._vec(wte_scale),
             ln_f_w=self._vec(model.ln_f.weight), ln_f_b=self._vec(model.ln_f.bias),
             k_cache=None, v_cache=None, layers=self._layers, lm_head=self._linear(model.lm_head),
         )
-        self._cache_dtype = wte.dtype
+        self._cache_dtype = dtype
         self._work: Tensor | None = None
 
     def _ptr(self, t: Tensor) -> int:
@@ -210,7 +216,7 @@ class NativeDecoder:
         return None if t is None else self._ptr(t.detach().float())
 
     def _linear(self, layer: nn.Module) -> _Linear:
-        weight = layer.weight
+        weight = cast(Tensor, layer.weight)
         scale = getattr(layer, "scale", None)
         if weight.dtype not in _TYPES or (weight.dtype == torch.int8) != isinstance(scale, Tensor):
             raise TypeError(f"unsupported linear layer {type(layer).__name__} ({weight.dtype})")

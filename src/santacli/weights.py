@@ -105,14 +105,16 @@ def _check_names_and_shapes(folder: Path, expected: dict[str, tuple[int, ...]],
 
 
 def load_model(folder: Path, config: ModelConfig, *, device: torch.device, dtype: torch.dtype, backend: str,
-               convert_linear: Callable[[nn.Linear], nn.Module] | None = None) -> GPTBigCode:
+               convert_linear: Callable[[nn.Linear], nn.Module] | None = None,
+               tied_embedding: Callable[[nn.Module], nn.Module] | None = None) -> GPTBigCode:
     """Build the model on the meta device and fill it tensor by tensor from safetensors.
 
     Names and shapes are checked against the config before any weights are read. Tensors kept
     as stored are views of the file's memory map; converted ones are read and converted one at
     a time (see tensorfile.py). ``convert_linear`` (e.g. int8 quantization) replaces each linear
     layer, the tied lm_head included, right after its weights are read, so the float copy of
-    the whole model never exists.
+    the whole model never exists. ``tied_embedding(converted_head)`` then gives the module that
+    serves as wte from the converted head's storage, so no float vocabulary matrix is kept.
 
     Raises:
         CheckpointError: missing, unexpected, mis-shaped, non-float or corrupted tensors.
@@ -145,6 +147,16 @@ def load_model(folder: Path, config: ModelConfig, *, device: torch.device, dtype
         return source.read(names[key], dtype=dtype, device=device, mapped=convert_linear is None)
 
     if convert_linear is not None:
+        # The tied head first: the largest matrix is converted while little else is resident.
+        wte = fetch("transformer.wte.weight")
+        head = nn.Linear(config.n_embd, config.vocab_size, bias=False, device="meta")
+        head.weight = nn.Parameter(wte, requires_grad=False)
+        model.lm_head = convert_linear(head)
+        if tied_embedding is not None:
+            model.transformer["wte"] = tied_embedding(model.lm_head)
+        else:
+            model.wte.weight = nn.Parameter(wte, requires_grad=False)
+        del head, wte
         _load_converting_linears(model, fetch, convert_linear)
     for key, param in list(model.named_parameters()):
         if param.is_meta:  # not read yet (converted layers were read above)
@@ -152,11 +164,6 @@ def load_model(folder: Path, config: ModelConfig, *, device: torch.device, dtype
             setattr(model.get_submodule(module_path), attr, nn.Parameter(fetch(key), requires_grad=False))
     if convert_linear is None:
         model.tie_weights()
-    else:
-        # The tied lm_head gets its own converted copy of the embedding matrix.
-        head = nn.Linear(config.n_embd, config.vocab_size, bias=False, device="meta")
-        head.weight = model.wte.weight
-        model.lm_head = convert_linear(head)
     model.eval().requires_grad_(False)
     return model
 

@@ -45,9 +45,10 @@ typedef struct {
 typedef struct {
     int64_t n_embd, n_head, kv_heads, head_dim, inner, n_layer, vocab;
     int64_t cache_batch, cache_len;  /* the KV buffer's batch and max_len */
-    int32_t multi_query, activation, cache_type, emb_type;
+    int32_t multi_query, activation, cache_type, wte_type, wpe_type, pad_;
     float eps, attn_scale;
-    const void *wte, *wpe;           /* (vocab, n_embd), (n_positions, n_embd) of emb_type */
+    const void *wte, *wpe;           /* (vocab, n_embd) of wte_type, (n_positions, n_embd) of wpe_type */
+    const float *wte_scale;          /* int8 wte (the tied int8 lm_head's rows): per-row scales */
     const float *ln_f_w, *ln_f_b;
     void *k_cache, *v_cache;
     const Layer *layers;
@@ -507,10 +508,14 @@ void santa_decode(const Model *m, const int64_t *ids, int64_t B, int64_t pos, fl
     const int64_t d = m->n_embd, qkv_n = m->layers[0].c_attn.rows, inner = m->inner;
     float *x = work, *h = x + B * d, *att = h + B * d, *qkv = att + B * d, *mlp = qkv + B * qkv_n;
     float *scores = mlp + B * inner;
-    const size_t es = type_size(m->emb_type);
+    const size_t ts = type_size(m->wte_type), ps = type_size(m->wpe_type);
     for (int64_t b = 0; b < B; b++) {
-        const char *tok = (const char *)m->wte + ids[b] * d * es, *p = (const char *)m->wpe + pos * d * es;
-        for (int64_t i = 0; i < d; i++) x[b * d + i] = load1(tok, m->emb_type, i) + load1(p, m->emb_type, i);
+        const char *tok = (const char *)m->wte + ids[b] * d * ts, *p = (const char *)m->wpe + pos * d * ps;
+        const float s = m->wte_scale ? m->wte_scale[ids[b]] : 1.0f;
+        for (int64_t i = 0; i < d; i++) {
+            const float e = m->wte_scale ? load1(tok, m->wte_type, i) * s : load1(tok, m->wte_type, i);
+            x[b * d + i] = e + load1(p, m->wpe_type, i);
+        }
     }
     for (int64_t l = 0; l < m->n_layer; l++) {
         const Layer *L = &m->layers[l];
