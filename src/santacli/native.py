@@ -218,12 +218,13 @@ class NativeDecoder:
     def _linear(self, layer: nn.Module) -> _Linear:
         weight = cast(Tensor, layer.weight)
         scale = getattr(layer, "scale", None)
-        if weight.dtype not in _TYPES or (weight.dtype == torch.int8) != isinstance(scale, Tensor):
+        int8 = weight.dtype == torch.int8
+        if weight.dtype not in _TYPES or int8 != isinstance(scale, Tensor) or int8 != hasattr(layer, "row_sum"):
             raise TypeError(f"unsupported linear layer {type(layer).__name__} ({weight.dtype})")
         bias = getattr(layer, "bias", None)
         rows, cols = weight.shape
-        # Row sums of int8 weights: the VNNI kernel feeds activations offset by +128.
-        wsum = self._ptr(weight.sum(dim=1, dtype=torch.int32)) if weight.dtype == torch.int8 else None
+        row_sum = getattr(layer, "row_sum", None)  # int8 only (quantize.Int8Linear)
+        wsum = self._ptr(row_sum) if isinstance(row_sum, Tensor) else None
         return _Linear(self._ptr(weight.detach()), self._vec(scale), wsum, self._vec(bias), rows, cols,
                        _TYPES[weight.dtype], 0)
 

@@ -22,7 +22,9 @@ from torch import Tensor, nn
 from santacli.errors import BackendError
 
 QUANTIZATIONS = ("none", "int8")
-_ROWS_PER_CHUNK = 4096  # quantize this many rows at a time: bounded fp32 temporaries
+# Quantize ~2 MB of fp32 rows at a time: the temporaries stay small and are reused, where
+# tens of MB each fragmented the malloc heap and left hundreds of MB of peak RSS behind.
+_CHUNK_BYTES = 2 << 20
 
 
 def check_quantization(mode: str | None, device: torch.device, dtype: torch.dtype) -> str:
@@ -38,17 +40,22 @@ def check_quantization(mode: str | None, device: torch.device, dtype: torch.dtyp
     return mode
 
 
-def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """(int8 weight, fp32 scale per row) with ``weight ≈ q * scale[:, None]``."""
+def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(int8 weight, fp32 scale per row, int32 sum of each int8 row) with
+    ``weight ≈ q * scale[:, None]``. The row sums serve the native kernel (see Int8Linear)."""
     rows = weight.shape[0]
     q = torch.empty(weight.shape, dtype=torch.int8)
     scale = torch.empty(rows, dtype=torch.float32)
-    for start in range(0, rows, _ROWS_PER_CHUNK):
-        chunk = weight[start:start + _ROWS_PER_CHUNK].float()
+    row_sum = torch.empty(rows, dtype=torch.int32)
+    step = max(1, _CHUNK_BYTES // (4 * max(1, weight.shape[1])))
+    for start in range(0, rows, step):
+        end = start + step
+        chunk = weight[start:end].float()
         s = chunk.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-        q[start:start + _ROWS_PER_CHUNK] = torch.round(chunk / s[:, None]).clamp_(-127, 127).to(torch.int8)
-        scale[start:start + _ROWS_PER_CHUNK] = s
-    return q, scale
+        q[start:end] = torch.round(chunk / s[:, None]).clamp_(-127, 127).to(torch.int8)
+        scale[start:end] = s
+        row_sum[start:end] = q[start:end].sum(dim=1, dtype=torch.int32)
+    return q, scale, row_sum
 
 
 class Int8Linear(nn.Module):
@@ -56,20 +63,22 @@ class Int8Linear(nn.Module):
 
     weight: Tensor  # (out, in) int8
     scale: Tensor  # (out,) fp32
+    row_sum: Tensor  # (out,) int32: the VNNI kernel feeds activations offset by +128 and subtracts 128 * this
     bias: Tensor | None  # (out,) fp32
 
-    def __init__(self, weight: Tensor, scale: Tensor, bias: Tensor | None) -> None:
+    def __init__(self, weight: Tensor, scale: Tensor, row_sum: Tensor, bias: Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
+        self.register_buffer("row_sum", row_sum)
         self.register_buffer("bias", bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        q, scale = quantize_rows(linear.weight.detach())
+        q, scale, row_sum = quantize_rows(linear.weight.detach())
         bias = None if linear.bias is None else linear.bias.detach().float().clone()
-        return cls(q, scale, bias)
+        return cls(q, scale, row_sum, bias)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape

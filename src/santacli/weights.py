@@ -6,6 +6,9 @@ unknown may be left over. Finding the folder is hub.py's job, reading the files 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +50,23 @@ def _convert_original_santacoder(tensors: dict[str, Tensor]) -> dict[str, Tensor
         out[f"{p}.c_attn.weight"] = torch.cat([q_w.t(), kv_w.t()], dim=0)
         out[f"{p}.c_attn.bias"] = torch.cat([q_b, kv_b], dim=0)
     return out
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS. Converting layer by layer frees a float copy
+    after each layer; the holes it leaves between the kept tensors are not returned by
+    themselves, and peak RSS of an int8 load varied by 0.3 GB between identical runs."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _describe(keys: list[str], limit: int = 6) -> str:
@@ -142,9 +162,10 @@ def load_model(folder: Path, config: ModelConfig, *, device: torch.device, dtype
     def fetch(key: str) -> Tensor:
         if converted:
             return converted.pop(key).to(device=device, dtype=dtype)
-        # A layer about to be converted is read into owned memory: a mapped view would keep
-        # the file's pages resident after the conversion.
-        return source.read(names[key], dtype=dtype, device=device, mapped=convert_linear is None)
+        # A layer about to be converted is read into owned, transient memory: a mapped view
+        # would keep the file's pages resident after the conversion.
+        converting = convert_linear is not None
+        return source.read(names[key], dtype=dtype, device=device, mapped=not converting, transient=converting)
 
     if convert_linear is not None:
         # The tied head first: the largest matrix is converted while little else is resident.
@@ -184,3 +205,4 @@ def _load_converting_linears(model: GPTBigCode, fetch: Callable[[str], Tensor],
             layer.bias = nn.Parameter(fetch(f"{key}.bias"), requires_grad=False)
         setattr(parent, name, convert(layer))
         del layer
+        _trim_heap()
