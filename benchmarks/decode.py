@@ -66,6 +66,9 @@ ENGINES: dict[str, tuple[str, str, float]] = {
     "santa-fp32": ("santa", "float32", 4),
     "santa-bf16": ("santa", "bfloat16", 2),
     "santa-int8": ("santa", "int8", 1),
+    # The same with one-token steps in PyTorch instead of santa's native kernel (decode="pytorch").
+    "santa-fp32-pt": ("santa", "float32", 4),
+    "santa-bf16-pt": ("santa", "bfloat16", 2),
     "hf-fp32": ("transformers", "float32", 4),
     "hf-bf16": ("transformers", "bfloat16", 2),
     "ct2-fp32": ("ctranslate2", "float32", 4),
@@ -331,6 +334,8 @@ def child_santa(spec: dict[str, Any]) -> dict[str, Any]:
         kwargs["quantize"] = "int8"
     else:
         kwargs["dtype"] = spec["dtype"]
+    if "decode" in inspect.signature(Engine.load).parameters:
+        kwargs["decode"] = spec.get("decode", "auto")
     t0 = time.perf_counter()
     engine = Engine.load(spec["path"], device="cpu", allow_download=False, **kwargs)
     load_s = time.perf_counter() - t0
@@ -350,7 +355,8 @@ def child_santa(spec: dict[str, Any]) -> dict[str, Any]:
     list(first_step(_prompt(16, 99, high), 4)[2])
     res: dict[str, Any] = {"load_s": load_s, "weights_bytes": weights, "rss_base": rss_base,
                            "rss_loaded": rss_loaded, "peak_rss_loaded": peak_loaded,
-                           "info": {"dtype": engine.info.dtype, "attention": engine.info.attention}}
+                           "info": {"dtype": engine.info.dtype, "attention": engine.info.attention,
+                                    "decode": getattr(engine.info, "decode", "pytorch")}}
     _time_stream(spec, res, first_step, lambda step: step[0], high, "santa")
     return res
 
@@ -684,6 +690,8 @@ RATIOS = [  # (label, numerator engine, denominator engine)
     ("santa bf16 / llama.cpp f16", "santa-bf16", "llamacpp-f16"),
     ("santa int8 / llama.cpp Q8_0", "santa-int8", "llamacpp-q8_0"),
     ("santa int8 / llama.cpp Q4_0", "santa-int8", "llamacpp-q4_0"),
+    ("santa fp32: native / PyTorch decode", "santa-fp32", "santa-fp32-pt"),
+    ("santa bf16: native / PyTorch decode", "santa-bf16", "santa-bf16-pt"),
 ]
 
 
@@ -938,7 +946,8 @@ def main() -> None:
                            and (name, eng, str(n)) not in skip_prefill] if rep < prefill_reps else []
                 lengths = [n for n in lengths if n + 1 <= shape["n_positions"]]
                 spec = {"kind": family, "path": str(setup["folder"]), "dtype": dtype, "threads": args.threads,
-                        "prompt": args.prompt, "new": args.new, "prefill": lengths, "seed": 0}
+                        "prompt": args.prompt, "new": args.new, "prefill": lengths, "seed": 0,
+                        "decode": "pytorch" if eng.endswith("-pt") else "auto"}
                 if family == "ctranslate2":
                     spec.update(ct2_path=str(setup["ct2"][eng]), compute_type=dtype)
                 elif family == "llama.cpp":
