@@ -80,6 +80,26 @@ def test_16bit_steps_track_fp32(tmp_path, tokenizer, dtype, mq):
     assert native_err <= max(1.5 * torch_err, 0.02)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16bit_prompt_chunks_then_steps(tmp_path, tokenizer, dtype):
+    """A warm prefix extended by a prompt-sized chunk (fp32 activations reading the 16-bit cache
+    back), then native steps: close to fp32, like one uncached pass of the 16-bit model."""
+    folder = write_checkpoint(tmp_path / "m", tokenizer=tokenizer)
+    ids = prompt(40, tokenizer.get_vocab_size(), seed=12)
+    ref = Engine.load(str(folder)).logits(ids)
+    model = Engine.load(str(folder), dtype=dtype).model
+    cache = model.new_cache(max_len=64)
+    with torch.inference_mode():
+        pieces = [model(torch.tensor([ids[:10]]), cache=cache)[0].float()]
+        pieces.append(model(torch.tensor([ids[10:25]]), start_pos=10, cache=cache)[0].float())
+        cache.length = 25
+        for pos in range(25, 40):
+            pieces.append(model(torch.tensor([ids[pos:pos + 1]]), start_pos=pos, cache=cache, last_only=True)[0])
+    got = torch.cat(pieces)
+    assert (got - ref).abs().max().item() < 0.15  # the bf16 tolerance of test_model's bf16 test
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.9
+
+
 @pytest.mark.parametrize("mq", [True, False])
 def test_int8_steps_equal_the_prompt_path(tmp_path, tokenizer, mq):
     """Decode steps and prompts quantize activations the same way: the int32 sums are exact, so
@@ -160,6 +180,13 @@ def test_pytorch_fallback_when_disabled_or_unbuildable(tmp_path, tokenizer, monk
     assert not state.available and "false failed" in state.detail
     assert Engine.load(str(folder)).generate([1, 2, 3], max_new_tokens=4)  # still decodes, in PyTorch
     monkeypatch.setattr(native, "_loaded", None)  # the next test builds (or finds) the real one
+
+
+def test_out_of_range_ids_raise_instead_of_reading_out_of_bounds(tiny_checkpoint):
+    model = Engine.load(str(tiny_checkpoint), decode="native").model
+    cache = model.new_cache(max_len=8)
+    with torch.inference_mode(), pytest.raises(IndexError, match="token id out of range"):
+        model(torch.tensor([[model.config.vocab_size]]), start_pos=0, cache=cache, last_only=True)
 
 
 def test_bad_decode_mode_is_a_clear_error(tiny_checkpoint):

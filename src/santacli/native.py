@@ -204,7 +204,6 @@ class NativeDecoder:
             k_cache=None, v_cache=None, layers=self._layers, lm_head=self._linear(model.lm_head),
         )
         self._cache_dtype = dtype
-        self._work: Tensor | None = None
 
     def _ptr(self, t: Tensor) -> int:
         if not t.is_contiguous():
@@ -231,18 +230,20 @@ class NativeDecoder:
     def __call__(self, ids: Tensor, start_pos: int, cache: KVCache) -> Tensor:
         """Logits (B, 1, vocab) fp32 for one new token per row at ``start_pos``."""
         B = ids.shape[0]
-        m = self._model
         if cache.k.dtype != self._cache_dtype:
             raise TypeError(f"KV cache dtype {cache.k.dtype} does not match the model")
+        ids64 = ids.reshape(B).to(torch.int64).contiguous()
+        if int(ids64.min()) < 0 or int(ids64.max()) >= self._vocab:  # C would read out of bounds
+            raise IndexError(f"token id out of range [0, {self._vocab})")
+        # A per-call copy of the descriptor and a fresh work space (~100 KB): calls from
+        # several threads on different caches stay independent.
+        m = _Model.from_buffer_copy(self._model)
         m.k_cache, m.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
         m.cache_batch, m.cache_len = cache.batch, cache.max_len
-        need = self._lib.santa_workspace_floats(ctypes.byref(m), B)
-        if self._work is None or self._work.numel() < need:
-            self._work = torch.empty(need, dtype=torch.float32)
-        ids64 = ids.reshape(B).to(torch.int64).contiguous()
+        work = torch.empty(self._lib.santa_workspace_floats(ctypes.byref(m), B), dtype=torch.float32)
         logits = torch.empty((B, 1, self._vocab), dtype=torch.float32)
         self._lib.santa_decode(ctypes.byref(m), ids64.data_ptr(), B, start_pos, logits.data_ptr(),
-                               self._work.data_ptr(), torch.get_num_threads())
+                               work.data_ptr(), torch.get_num_threads())
         return logits
 
 
