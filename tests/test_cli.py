@@ -166,6 +166,11 @@ def test_unsupported_architecture(tmp_path, tiny_checkpoint, capsys, monkeypatch
 def test_info_and_models(tiny_checkpoint, capsys, monkeypatch):
     code, out, _ = run(["info", str(tiny_checkpoint)], capsys, monkeypatch)
     assert code == 0 and "multi-query" in out and "santacoder" in out and "sdpa" in out
+    from santacli import native
+
+    state = native.status()
+    # How one-token steps run here: the native kernel's instruction set, or why PyTorch does it.
+    assert "decode" in out and (("native " + state.detail.split(",")[0]) in out if state.available else "pytorch" in out)
     code, out, _ = run(["models"], capsys, monkeypatch)
     assert code == 0 and "bigcode/gpt_bigcode-santacoder" in out
 

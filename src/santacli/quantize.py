@@ -85,10 +85,12 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features).float()
         # Per-token symmetric activation scales; all-zero rows get a harmless scale.
         x_scale = x2.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
-        xq = torch.round(x2 / x_scale).to(torch.int8)
-        y = torch._int_mm(xq, self.weight.t()).float() * x_scale * self.scale
+        xq = (x2 / x_scale).round_().to(torch.int8)
+        # In place, in the native kernel's order ((sum * x_scale) * scale + bias): prompt-sized
+        # temporaries are tens of MB each.
+        y = torch._int_mm(xq, self.weight.t()).float().mul_(x_scale).mul_(self.scale)
         if self.bias is not None:
-            y += self.bias
+            y.add_(self.bias)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
