@@ -129,6 +129,8 @@ def test_in_place_failure_leaves_the_original(tiny_checkpoint, source, capsys, m
     (["infill", "--fim-mode", "smp"], b"x", "fim mode"),
     (["infill", "--attention", "flash"], b"x", "flash"),
     (["infill", "--dtype", "float8"], b"x", "dtype"),
+    (["infill", "--decode", "fast"], b"x", "unknown decode mode"),
+    (["infill", "--decode", "native", "--device", "cuda"], b"x", "cuda"),
     (["infill", "-n", "0"], b"x", "candidates"),
     (["infill", "--max-tokens", "many"], b"x", "--max-tokens"),
     (["infill", "--no-such-flag"], b"x", "no such option"),
@@ -149,6 +151,17 @@ def test_bad_input_one_line_error(tiny_checkpoint, tmp_path, source, capsys, mon
     assert message.lower() in err.lower()
     assert err.count("\n") == 1 and err.startswith("santa: error:"), err
     assert source.read_bytes() == before
+
+
+def test_decode_path_is_chosen_from_the_cli(tiny_checkpoint, capsys, monkeypatch):
+    """--decode pytorch and the native step give the same greedy completion."""
+    outs = []
+    for decode in ("pytorch", "auto"):
+        code, out, _ = run(["infill", "--model", str(tiny_checkpoint), "--decode", decode, "--max-tokens", "12",
+                            "--mode", "full"], capsys, monkeypatch, stdin=b"def f(x):\n    <CURSOR>")
+        assert code == 0
+        outs.append(out)
+    assert outs[0] == outs[1]
 
 
 def test_unsupported_architecture(tmp_path, tiny_checkpoint, capsys, monkeypatch):

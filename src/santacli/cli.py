@@ -49,6 +49,8 @@ Dtype = Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16 or f
 Attention = Annotated[Optional[str], typer.Option(help="Attention backend: auto, flash, sdpa or eager.")]  # noqa: UP045
 Quantize = Annotated[Optional[str], typer.Option(  # noqa: UP045
     help="none or int8 (CPU: int8 weights, per-channel scales; ~4x faster decode than fp32).")]
+Decode = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    help="CPU decode steps: auto (santa's native kernel where it builds, else PyTorch), native or pytorch.")]
 MaxTokens = Annotated[Optional[int], typer.Option("--max-tokens", help="Most tokens to generate.")]  # noqa: UP045
 Temperature = Annotated[Optional[float], typer.Option(help="0 is greedy (default).")]  # noqa: UP045
 TopP = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling mass (0, 1].")]  # noqa: UP045
@@ -87,6 +89,7 @@ class Common:
     no_filename: bool
     endpoint: str | None
     api: str
+    decode: str | None = None
 
     def options(self, settings: Settings, filename: str | None) -> CompletionOptions:
         from santacli.completion import CompletionOptions
@@ -120,7 +123,7 @@ def _hint_if_bundled(settings: Settings, model: str | None) -> None:
 
 
 def load_engine(model: str | None, device: str | None, dtype: str | None, attention: str | None,
-                settings: Settings, quantize: str | None = None) -> Engine:
+                settings: Settings, quantize: str | None = None, decode: str | None = None) -> Engine:
     """Load the model with a spinner on stderr (only when stderr is a terminal)."""
     from santacli.engine import Engine
 
@@ -129,7 +132,8 @@ def load_engine(model: str | None, device: str | None, dtype: str | None, attent
 
     def load() -> Engine:
         return Engine.load(name, device=device or settings.device, dtype=dtype or settings.dtype,
-                           attention=attention or settings.attention, quantize=quantize or settings.quantize)
+                           attention=attention or settings.attention, quantize=quantize or settings.quantize,
+                           decode=decode or settings.decode)
 
     if err.is_terminal and not _state["quiet"]:
         with err.status(f"Loading {name}…", spinner="dots"):
@@ -147,7 +151,8 @@ def _engine_for(common: Common, settings: Settings) -> Any:
             _hint_if_bundled(settings, common.model)
         return RemoteEngine(common.endpoint, api=common.api, model=common.model or settings.resolved_model,
                             api_key=os.environ.get("SANTA_API_KEY"))
-    return load_engine(common.model, common.device, common.dtype, common.attention, settings, common.quantize)
+    return load_engine(common.model, common.device, common.dtype, common.attention, settings, common.quantize,
+                       common.decode)
 
 
 def _run(engine: Any, prefix: str, suffix: str, opts: CompletionOptions, *, stream_to: Any) -> CompletionResult:
@@ -272,7 +277,7 @@ def complete(
     model: Model = None, max_tokens: MaxTokens = None, temperature: Temperature = None, top_p: TopP = None,
     top_k: TopK = None, seed: Seed = None, candidates: Candidates = 1, mode: Mode = None,
     fim_mode: FimMode = None, stop: Stop = None, device: Device = None, dtype: Dtype = None,
-    attention: Attention = None, quantize: Quantize = None, no_filename: NoFilename = False,
+    attention: Attention = None, quantize: Quantize = None, decode: Decode = None, no_filename: NoFilename = False,
     json_out: Json = False,
     in_place: Annotated[bool, typer.Option("--in-place", "-i", help="Write the completion into the file.")] = False,
     diff: Annotated[bool, typer.Option("--diff", help="Print a unified diff instead of the text.")] = False,
@@ -289,7 +294,7 @@ def complete(
     prefix, suffix = split_at_position(text, spec.line, spec.column)
     settings = _settings()
     common = Common(model, device, dtype, attention, quantize, max_tokens, temperature, top_p, top_k, seed, candidates,
-                    mode, fim_mode, stop, no_filename, endpoint, api)
+                    mode, fim_mode, stop, no_filename, endpoint, api, decode)
     opts = common.options(settings, _display_name(path))
     engine = _engine_for(common, settings)
     streaming = not (json_out or in_place or diff)
@@ -318,7 +323,7 @@ def infill(
     model: Model = None, max_tokens: MaxTokens = None, temperature: Temperature = None, top_p: TopP = None,
     top_k: TopK = None, seed: Seed = None, candidates: Candidates = 1, mode: Mode = None,
     fim_mode: FimMode = None, stop: Stop = None, device: Device = None, dtype: Dtype = None,
-    attention: Attention = None, quantize: Quantize = None, no_filename: NoFilename = False,
+    attention: Attention = None, quantize: Quantize = None, decode: Decode = None, no_filename: NoFilename = False,
     json_out: Json = False,
     marker: Annotated[Optional[str], typer.Option(  # noqa: UP045
         help="Cursor marker in the input [default: <CURSOR>; when given, it must be present].")] = None,
@@ -349,7 +354,7 @@ def infill(
         prefix, suffix = split if split is not None else (text, "")
     settings = _settings()
     common = Common(model, device, dtype, attention, quantize, max_tokens, temperature, top_p, top_k, seed, candidates,
-                    mode, fim_mode, stop, no_filename, endpoint, api)
+                    mode, fim_mode, stop, no_filename, endpoint, api, decode)
     opts = common.options(settings, path)
     engine = _engine_for(common, settings)
     streaming = not (json_out or full)
@@ -437,7 +442,7 @@ def info(
 @app.command()
 def serve(
     model: Model = None, device: Device = None, dtype: Dtype = None, attention: Attention = None,
-    quantize: Quantize = None,
+    quantize: Quantize = None, decode: Decode = None,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
     api_key: Annotated[Optional[str], typer.Option(  # noqa: UP045
@@ -451,7 +456,7 @@ def serve(
 
     server.check_bind(host, allow_remote=allow_remote)
     settings = _settings()
-    engine = load_engine(model, device, dtype, attention, settings, quantize)
+    engine = load_engine(model, device, dtype, attention, settings, quantize, decode)
     server.serve(engine, host=host, port=port, api_key=api_key, allow_remote=allow_remote, max_queue=max_queue)
 
 
@@ -460,7 +465,7 @@ def repl(
     model: Model = None, max_tokens: MaxTokens = None, temperature: Temperature = None, top_p: TopP = None,
     top_k: TopK = None, seed: Seed = None, candidates: Candidates = 1, mode: Mode = None,
     fim_mode: FimMode = None, device: Device = None, dtype: Dtype = None, attention: Attention = None,
-    quantize: Quantize = None,
+    quantize: Quantize = None, decode: Decode = None,
     marker: Annotated[str, typer.Option(help="Cursor marker for infill.")] = "<CURSOR>",
     history: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         help="History file [default: santa/history in the platform data dir].")] = None,
@@ -472,7 +477,7 @@ def repl(
     common = Common(model, device, dtype, attention, quantize, max_tokens, temperature, top_p, top_k, seed, candidates,
                     mode, fim_mode, None, False, None, "santa")
     opts = common.options(settings, None)
-    engine = load_engine(model, device, dtype, attention, settings, quantize)
+    engine = load_engine(model, device, dtype, attention, settings, quantize, decode)
     repl_mod.run(engine, opts, marker=marker, history_file=history)
 
 

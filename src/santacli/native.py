@@ -256,7 +256,7 @@ def describe(device: torch.device) -> str:
 
 
 def check_decode(mode: str, device: torch.device) -> None:
-    """Validate a ``--decode`` request before any weights are loaded."""
+    """Validate a ``--decode`` / ``decode=`` request before any weights are loaded."""
     if mode not in DECODE_MODES:
         raise BackendError(f"unknown decode mode {mode!r}; choose one of {', '.join(DECODE_MODES)}")
     if mode == "native":

@@ -39,6 +39,7 @@ class Settings:
     dtype: str | None = None
     attention: str = "auto"
     quantize: str | None = None
+    decode: str = "auto"
     max_tokens: int = 128
     temperature: float = 0.0
     top_p: float = 1.0
