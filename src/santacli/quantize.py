@@ -5,13 +5,12 @@
 rows (Int8Embedding); the position embedding stays fp32.
 One copy of those weights serves both phases:
 
-* one-token decode steps (memory-bound) run in the native kernel (native.py), which reads the
-  int8 rows and multiplies them with fp32 activations: a quarter of fp32's bytes, no
-  activation rounding;
-* prompts (compute-bound) quantize their activations per token to int8 and use PyTorch's
-  int8 x int8 -> int32 matmul (``torch._int_mm``), measured 1.85x faster than the fp32 GEMM at
-  1,024 x 2,048 x 8,192 on a 2-core AVX-512 CPU. Without the native kernel, decode steps take
-  this path too.
+* prompts (compute-bound) quantize their activations per token to int8 (absmax/127, round half
+  to even) and use PyTorch's int8 x int8 -> int32 matmul (``torch._int_mm``), measured 1.85x
+  faster than the fp32 GEMM at 1,024 x 2,048 x 8,192 on a 2-core AVX-512 CPU;
+* one-token decode steps (memory-bound, a quarter of fp32's bytes) run in the native kernel
+  (native.py), which quantizes each token's activations the same way, so its int32 sums equal
+  the prompt path's. Without the native kernel, decode steps take the prompt path too.
 """
 
 from __future__ import annotations

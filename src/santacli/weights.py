@@ -159,17 +159,18 @@ def load_model(folder: Path, config: ModelConfig, *, device: torch.device, dtype
         shapes = {k: source.entries[v].shape for k, v in names.items()}
     _check_names_and_shapes(folder, expected, shapes)
 
-    def fetch(key: str) -> Tensor:
+    def fetch(key: str, *, to_convert: bool = False) -> Tensor:
         if converted:
             return converted.pop(key).to(device=device, dtype=dtype)
-        # A layer about to be converted is read into owned, transient memory: a mapped view
-        # would keep the file's pages resident after the conversion.
-        converting = convert_linear is not None
-        return source.read(names[key], dtype=dtype, device=device, mapped=not converting, transient=converting)
+        # When layers are converted, everything is read into owned memory (a mapped view would
+        # keep the file's pages resident after the conversion); what is converted and then
+        # dropped is read into transient memory.
+        return source.read(names[key], dtype=dtype, device=device, mapped=convert_linear is None,
+                           transient=to_convert)
 
     if convert_linear is not None:
         # The tied head first: the largest matrix is converted while little else is resident.
-        wte = fetch("transformer.wte.weight")
+        wte = fetch("transformer.wte.weight", to_convert=tied_embedding is not None)
         head = nn.Linear(config.n_embd, config.vocab_size, bias=False, device="meta")
         head.weight = nn.Parameter(wte, requires_grad=False)
         model.lm_head = convert_linear(head)
@@ -178,7 +179,7 @@ def load_model(folder: Path, config: ModelConfig, *, device: torch.device, dtype
         else:
             model.wte.weight = nn.Parameter(wte, requires_grad=False)
         del head, wte
-        _load_converting_linears(model, fetch, convert_linear)
+        _load_converting_linears(model, functools.partial(fetch, to_convert=True), convert_linear)
     for key, param in list(model.named_parameters()):
         if param.is_meta:  # not read yet (converted layers were read above)
             module_path, _, attr = key.rpartition(".")

@@ -19,8 +19,6 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
-#include <omp.h>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -513,11 +511,8 @@ void santa_decode(const Model *m, const int64_t *ids, int64_t B, int64_t pos, fl
     const size_t ts = type_size(m->wte_type), ps = type_size(m->wpe_type);
     for (int64_t b = 0; b < B; b++) {
         const char *tok = (const char *)m->wte + ids[b] * d * ts, *p = (const char *)m->wpe + pos * d * ps;
-        const float s = m->wte_scale ? m->wte_scale[ids[b]] : 1.0f;
-        for (int64_t i = 0; i < d; i++) {
-            const float e = m->wte_scale ? load1(tok, m->wte_type, i) * s : load1(tok, m->wte_type, i);
-            x[b * d + i] = e + load1(p, m->wpe_type, i);
-        }
+        const float s = m->wte_scale ? m->wte_scale[ids[b]] : 1.0f;  /* x * 1.0f is exact */
+        for (int64_t i = 0; i < d; i++) x[b * d + i] = load1(tok, m->wte_type, i) * s + load1(p, m->wpe_type, i);
     }
     for (int64_t l = 0; l < m->n_layer; l++) {
         const Layer *L = &m->layers[l];
