@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from santacli import cli
+from santacli.cli import app as cli
 
 SANTA = [sys.executable, "-m", "santacli"]
 
@@ -220,7 +220,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys; from santacli import cli; "
+    code = ("import sys; from santacli.cli import app as cli; "
             "sys.argv=['santa','--help']\ntry: cli.main(['--help'])\nexcept SystemExit: pass\n"
             "assert 'torch' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())

@@ -13,7 +13,7 @@ pytest.importorskip("uvicorn")
 from santacli.engine import Engine
 from santacli.errors import UsageError
 from santacli.remote import RemoteEngine, RemoteError
-from santacli.server import create_app
+from santacli.server.app import create_app
 from test_server import PREFIX, SUFFIX, running
 
 KEY = "remote-key"

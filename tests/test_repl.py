@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from santacli.errors import InputError, UsageError
-from santacli.repl_session import (
+from santacli.repl.session import (
     Command,
     Last,
     Session,
@@ -36,7 +36,7 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\x1b[=>78]|\x1
 
 @pytest.fixture(scope="module")
 def options():
-    from santacli.engine import CompletionOptions
+    from santacli.completion import CompletionOptions
 
     return CompletionOptions(max_tokens=40)
 
@@ -176,7 +176,7 @@ def test_help_and_footer() -> None:
 
 
 def test_import_does_not_load_torch() -> None:
-    code = "import sys, santacli.repl; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, santacli.repl.ui; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -214,7 +214,8 @@ def _run(child: pexpect.spawn, line: str) -> str:
 
 
 def test_repl_session(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    from santacli.engine import CompletionOptions, Engine
+    from santacli.completion import CompletionOptions
+    from santacli.engine import Engine
 
     engine = Engine.load(str(tiny_checkpoint), device="cpu")
     opts = CompletionOptions(max_tokens=40)

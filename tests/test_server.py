@@ -21,10 +21,13 @@ pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from santacli.engine import CompletionStream, Engine  # noqa: E402
+from santacli.completion import CompletionRun, Piece  # noqa: E402
+from santacli.engine import Engine  # noqa: E402
 from santacli.errors import UsageError  # noqa: E402
-from santacli.server import _is_loopback, create_app, serve  # noqa: E402
-from santacli.serving import StopText  # noqa: E402
+from santacli.server.app import create_app, serve  # noqa: E402
+from santacli.server.guard import is_loopback as _is_loopback  # noqa: E402
+from santacli.server.transport import uvicorn_config  # noqa: E402
+from santacli.stoprules import CompletionFilter  # noqa: E402
 
 PREFIX = "def add(a, b):\n    "
 SUFFIX = "\n\nfor i in range(10):\n    print(i)\n"
@@ -32,13 +35,14 @@ KEY = "test-key"
 
 
 @contextmanager
-def running(app: Any) -> Iterator[str]:
-    """Serve ``app`` with uvicorn in a thread on a free 127.0.0.1 port; yield its base URL."""
+def running(app: Any, **limits: Any) -> Iterator[str]:
+    """Serve ``app`` as santa serve does (``limits``: header_timeout, max_connections) in a
+    thread on a free 127.0.0.1 port; yield its base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+    config = uvicorn_config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2, **limits)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -153,8 +157,13 @@ def test_openai_stop_strings_are_cut(base_url: str, reference: Engine, http: htt
 # TGI
 
 
-def test_tgi_inference_client(base_url: str, reference: Engine) -> None:
+def test_tgi_inference_client(base_url: str, reference: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     hub = pytest.importorskip("huggingface_hub")
+    # huggingface_hub refuses every request, loopback included, while HF_HUB_OFFLINE=1 is set
+    # (as it is on offline machines); a client of a local server has to lift it for itself.
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     client = hub.InferenceClient(base_url, token=KEY)
     prompt = spelled_fim(reference, PREFIX, SUFFIX)  # FIM laid out by the client, as llm.nvim does
     want, finish = raw_greedy(reference, prompt, 24)
@@ -311,11 +320,11 @@ def test_loopback_only_unless_allowed(engine: Engine) -> None:
 
 
 def test_stop_text() -> None:
-    held = StopText(["STOP"], include=False)
+    held = CompletionFilter("raw", stops=["STOP"], include_stop=False)
     assert held.feed("abc ST") == "abc "  # "ST" may begin the stop string
     assert held.feed("OP more") == "" and held.stopped
     assert held.finish() == "" and held.raw == "abc "
-    kept = StopText(["STOP"], include=True)
+    kept = CompletionFilter("raw", stops=["STOP"], include_stop=True)
     assert kept.feed("abc ST") == "abc ST"
     assert kept.feed("OP more") == "OP more" and kept.stopped
 
@@ -331,7 +340,7 @@ class GatedEngine:
         self._engine = engine
         self.gate = threading.Event()
         self.started = threading.Event()
-        self.streams: list[CompletionStream] = []
+        self.streams: list[CompletionRun] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
@@ -346,14 +355,14 @@ class GatedEngine:
                 stream.cancel()
                 gated.gate.set()
 
-            def __iter__(self) -> Iterator[str]:
+            def pieces(self) -> Iterator[Piece]:
                 gated.started.set()
                 gated.gate.wait(20)
-                yield from stream
+                yield from stream.pieces()
 
             @property
             def result(self) -> Any:
-                for _ in self:
+                for _ in self.pieces():
                     pass
                 return stream.result
 
@@ -380,6 +389,7 @@ def test_queue_full_gives_503(engine: Engine) -> None:
         busy = httpx.post(f"{url}/infill", json=body)
         assert busy.status_code == 503
         assert busy.json()["error"]["type"] == "overloaded"
+        assert busy.headers["retry-after"] == "1"
         tgi_busy = httpx.post(f"{url}/generate", json={"inputs": "x"})
         assert tgi_busy.status_code == 503 and tgi_busy.json()["error_type"] == "overloaded"
         gated.gate.set()

@@ -1,5 +1,5 @@
 """`python -m santacli` runs the santa command line."""
 
-from santacli.cli import entry
+from santacli.cli.app import entry
 
 entry()

@@ -1,41 +1,36 @@
 """Engine: load a model once, then score, generate and complete with it.
 
-The one API that every front end (cli, repl, server) calls.
+It is the local :class:`~santacli.completion.CompletionEngine`: completions go through the text
+loop of :mod:`santacli.completion`, fed by a token source over the model that also keeps the
+warm prompt cache.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
 from santacli import fim, hub, native, weights
-from santacli.completion import CompletionOptions, CompletionResult, ResultStream
+from santacli.completion import (
+    CompletionOptions,
+    CompletionRun,
+    LoadInfo,
+    TokenEvent,
+    layout_prompt,
+    raw_prompt,
+)
 from santacli.config import ModelConfig
 from santacli.errors import CheckpointError, UsageError
-from santacli.generate import SamplingParams, TokenStream
+from santacli.generate import TokenStream
 from santacli.model import GPTBigCode, KVCache, select_backend
 from santacli.promptcache import PromptCache
 from santacli.quantize import check_quantization, int8_embedding, int8_linear
+from santacli.sampling import SamplingParams
 from santacli.tokenizer import Tokenizer
-
-
-@dataclass(frozen=True)
-class LoadInfo:
-    """What was loaded and how."""
-
-    name: str
-    folder: Path
-    device: str
-    dtype: str
-    attention: str
-    quantize: str
-    decode: str  # "native (avx512 ...)" or "pytorch (...why)"
-    load_seconds: float
 
 
 class Engine:
@@ -88,12 +83,16 @@ class Engine:
         decode_desc = native.attach(net, decode)
         info = LoadInfo(name=model, folder=folder, device=str(dev), dtype=str(torch_dtype).removeprefix("torch."),
                         attention=backend, quantize=quant, decode=decode_desc,
-                        load_seconds=time.perf_counter() - started)
+                        load_seconds=time.perf_counter() - started, context_length=config.n_positions)
         return cls(net, tokenizer, info)
 
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def name(self) -> str:
+        return self.info.name
 
     def _check_ids(self, ids: list[int]) -> None:
         if not ids:
@@ -107,7 +106,8 @@ class Engine:
         """Float32 logits [len(ids), vocab_size] from one full (uncached) forward pass."""
         self._check_ids(ids)
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        return self.model(x)[0].float()
+        logits: Tensor = self.model(x)[0]
+        return logits.float()
 
     def stream_ids(self, ids: list[int], *, max_new_tokens: int, sampling: SamplingParams,
                    n: int = 1, stop_ids: frozenset[int] | None = None,
@@ -115,7 +115,7 @@ class Engine:
         """A KV-cached token stream for ``n`` candidates sharing one prefill.
 
         With ``use_prompt_cache`` the stream starts from the warm cache entry that shares the
-        longest token prefix with ``ids``; hand it back with :meth:`keep_prompt` when done.
+        longest token prefix with ``ids``; :class:`_ModelTokens` hands it back when done.
         """
         self._check_ids(ids)
         stops = self.tokenizer.sentinel_ids if stop_ids is None else stop_ids
@@ -127,10 +127,6 @@ class Engine:
                 cache = self.new_cache(batch=n, needed=needed)
         return TokenStream(self.model, ids, max_new_tokens=max_new_tokens, sampling=sampling,
                            stop_ids=stops, valid_vocab=self.tokenizer.vocab_size, n=n, cache=cache, reuse=reuse)
-
-    def keep_prompt(self, stream: TokenStream) -> None:
-        """Offer a stream's KV cache to the warm prompt cache (its prompt positions stay valid)."""
-        self.prompt_cache.put(stream.prompt_ids, stream.cache)
 
     def generate(self, ids: list[int], max_new_tokens: int = 32, temperature: float = 0.0, *,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
@@ -149,16 +145,10 @@ class Engine:
 
     def build_prompt(self, prefix: str, suffix: str, opts: CompletionOptions) -> fim.Prompt:
         """The token-exact, budgeted prompt for ``prefix``/``suffix`` (see :mod:`santacli.fim`)."""
-        tok = self.tokenizer
-        use_name = opts.use_filename and tok.filename_id is not None and bool(opts.filename)
-        return fim.build_prompt(
-            tok.encode, prefix=prefix, suffix=suffix, fim=tok.fim, fim_mode=opts.fim_mode,
-            n_positions=self.config.n_positions, max_tokens=opts.max_tokens,
-            filename_id=tok.filename_id if use_name else None, filename=opts.filename if use_name else None,
-        )
+        return layout_prompt(self.tokenizer, self.config.n_positions, prefix, suffix, opts)
 
     def infill(self, prefix: str, suffix: str, options: CompletionOptions | None = None,
-               **overrides: object) -> CompletionStream:
+               **overrides: object) -> CompletionRun:
         """Fill in the middle between ``prefix`` and ``suffix``.
 
         Iterate the returned stream for text chunks of the first candidate as they arrive; its
@@ -171,12 +161,32 @@ class Engine:
         opts = replace(options or CompletionOptions(), **overrides)  # type: ignore[arg-type]
         mode = fim.choose_mode(opts.mode, prefix, suffix)
         prompt = self.build_prompt(prefix, suffix, opts)
-        return CompletionStream(self, prompt, mode, opts)
+        return CompletionRun(lambda: _ModelTokens(self, prompt.ids, opts), prompt=prompt, mode=mode,
+                             options=opts, model=self.name, tokenizer=self.tokenizer)
 
     def complete(self, prefix: str, options: CompletionOptions | None = None,
-                 **overrides: object) -> CompletionStream:
+                 **overrides: object) -> CompletionRun:
         """Continue ``prefix`` left to right (an infill with an empty suffix)."""
         return self.infill(prefix, "", options, **overrides)
+
+    def generate_text(self, text: str, options: CompletionOptions, *, include_stop: bool = False,
+                      truncate: int | None = None) -> CompletionRun:
+        """Continue a raw prompt as TGI/OpenAI clients send it: spelled-out control tokens
+        (``<fim-prefix>``...) count as such, only ``options.stop`` strings end the text, and
+        nothing is post-processed. ``truncate`` keeps the prompt's last tokens.
+
+        Raises:
+            UsageError, ContextLengthError: an empty prompt or no room for it.
+        """
+        ids = self.tokenizer.encode_raw(text)
+        if truncate is not None and len(ids) > truncate:
+            ids = ids[-truncate:]
+        if not ids:
+            raise UsageError("the prompt is empty")
+        prompt = raw_prompt(ids, text)
+        return CompletionRun(lambda: _ModelTokens(self, ids, options), prompt=prompt, mode="raw",
+                             options=options, model=self.name, tokenizer=self.tokenizer,
+                             include_stop=include_stop)
 
     def new_cache(self, *, batch: int, needed: int) -> KVCache:
         """A KV cache for ``batch`` rows. It spans the whole context when that is cheap, so a
@@ -222,78 +232,34 @@ def describe_model(model: str, *, device: str | None = None, dtype: str | None =
 
 
 # ---------------------------------------------------------------------------------------------
-# Text completion
+# The model as the text loop's token source
 
 
-class CompletionStream(ResultStream):
-    """A completion computed by a local :class:`Engine`."""
+class _ModelTokens:
+    """A :class:`~santacli.completion.TokenSource` over the engine's model. It starts from the
+    warm prompt cache and gives its KV cache back to it when closed, so callers never do."""
 
-    def __init__(self, engine: Engine, prompt: fim.Prompt, mode: str, opts: CompletionOptions) -> None:
-        super().__init__()
+    def __init__(self, engine: Engine, ids: list[int], opts: CompletionOptions) -> None:
         self._engine = engine
-        self._prompt = prompt
-        self._mode = mode
-        self._opts = opts
+        self._stream = engine.stream_ids(ids, max_new_tokens=opts.max_tokens, sampling=opts.sampling, n=opts.n,
+                                         use_prompt_cache=True)
+        self._prefilled = False
 
-    def __iter__(self) -> Iterator[str]:
-        if self._result is not None:
-            return
-        engine, prompt, opts = self._engine, self._prompt, self._opts
-        started = time.perf_counter()
-        tok = engine.tokenizer
-        sampling = SamplingParams(opts.temperature, opts.top_k, opts.top_p, opts.seed)
-        stream = engine.stream_ids(prompt.ids, max_new_tokens=opts.max_tokens, sampling=sampling, n=opts.n,
-                                   use_prompt_cache=True)
-        suffix = prompt.suffix if prompt.fim else ""
-        filters = [fim.CompletionFilter(self._mode, prefix=prompt.prefix, suffix=suffix, stops=opts.stop)
-                   for _ in range(opts.n)]
-        decoders = [tok.stream() for _ in range(opts.n)]
-        reasons: list[str | None] = [None] * opts.n
-        first_token_at: float | None = None
-        try:
-            for step in stream:
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                for row, token in enumerate(step):
-                    if token is None or reasons[row]:
-                        continue
-                    if token in tok.sentinel_ids:
-                        reasons[row] = "eos"
-                        piece = filters[row].feed(decoders[row].flush())
-                    else:
-                        piece = filters[row].feed(decoders[row].push(token))
-                    if filters[row].stopped:
-                        reasons[row] = filters[row].stopped
-                        stream.stop_row(row)
-                    if row == 0 and piece:
-                        yield piece
-                if self.cancelled:
-                    reasons = [r or "cancelled" for r in reasons]
-                    break
-        finally:
-            engine.keep_prompt(stream)
-        texts = []
-        for row in range(opts.n):
-            if reasons[row] is None:
-                reasons[row] = "max_tokens"
-                piece = filters[row].feed(decoders[row].flush())
-                if row == 0 and piece:
-                    yield piece
-                if filters[row].stopped:
-                    reasons[row] = filters[row].stopped
-            rest = filters[row].finish(ended_by_rule=reasons[row] != "eos")
-            if row == 0 and rest:
-                yield rest
-            texts.append(filters[row].text)
-        done = time.perf_counter()
-        first = first_token_at or done
-        generated = stream.generated
-        self._result = CompletionResult(
-            text=texts[0], candidates=texts, stop_reasons=[r or "max_tokens" for r in reasons],
-            mode=self._mode, fim=prompt.fim, fim_mode=opts.fim_mode, prompt_tokens=len(prompt.ids),
-            reused_prompt_tokens=stream.reused, generated_tokens=generated,
-            time_to_first_token=first - started,
-            tokens_per_second=(generated - 1) / (done - first) if generated > 1 and done > first else 0.0,
-            elapsed=done - started, truncation=prompt.truncation, model=engine.info.name,
-        )
+    def __iter__(self) -> Iterator[TokenEvent]:
+        for step in self._stream:
+            self._prefilled = True
+            for row, token in enumerate(step):
+                if token is not None:
+                    yield row, token, None
 
+    def stop_row(self, row: int) -> None:
+        self._stream.stop_row(row)
+
+    @property
+    def reused_prompt_tokens(self) -> int:
+        return self._stream.reused
+
+    def close(self) -> None:
+        # Only a finished prefill leaves the prompt's positions valid for the next request.
+        if self._prefilled:
+            self._engine.prompt_cache.put(self._stream.prompt_ids, self._stream.cache)

@@ -1,12 +1,12 @@
 """Remote engines: ``santa complete/infill --endpoint URL --api santa|tgi|openai``.
 
-A :class:`RemoteEngine` has the ``infill``/``complete`` API of :class:`~santacli.engine.Engine`
-and returns streams with the same contract (iterate for text, then ``result``), so front ends
-use either. Against a santa server the request goes to ``/infill`` as it is. Against TGI or an
-OpenAI-compatible server this side does what the local engine does around the model: the FIM
-layout and token budget with the model's own tokenizer (config.json + tokenizer.json only; no
-weights), stop rules and post-processing. The prompt travels as text with the sentinels spelled
-out, and generation is cut off (the connection closed) as soon as a stop rule ends the text.
+A :class:`RemoteEngine` is a :class:`~santacli.completion.CompletionEngine` like the local
+:class:`~santacli.engine.Engine`, so front ends use either. Against a santa server the request
+goes to ``/infill`` as it is. Against TGI or an OpenAI-compatible server the server is only a
+token source for santa's own text loop (:class:`~santacli.completion.CompletionRun`): the FIM
+layout and token budget use the model's own tokenizer (config.json + tokenizer.json only; no
+weights), the prompt travels as text with the sentinels spelled out, and generation is cut off
+(the connection closed) as soon as a stop rule ends the text.
 
 HTTP goes through the standard library, so the CLI needs no extra dependency for it.
 """
@@ -24,13 +24,20 @@ from http.client import HTTPResponse
 from typing import Any
 
 from santacli import fim, hub
-from santacli.completion import CompletionOptions, CompletionResult, ResultStream
+from santacli.completion import (
+    CompletionOptions,
+    CompletionResult,
+    CompletionRun,
+    Piece,
+    ResultStream,
+    TokenEvent,
+    layout_prompt,
+)
 from santacli.config import ModelConfig
 from santacli.errors import RemoteError, UsageError
 from santacli.tokenizer import Tokenizer
 
 APIS = ("santa", "tgi", "openai")
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,32 +124,67 @@ class _Http:
 
 
 # ---------------------------------------------------------------------------------------------
-# Streams
-
-
-class RemoteCompletionStream(ResultStream):
-    """A completion computed by a server; ``cancel()`` closes the connection at the next piece."""
-
-    def __init__(self, run: Callable[[RemoteCompletionStream], Iterator[str]]) -> None:
-        super().__init__()
-        self._run = run
-        self._started = False
-
-    def __iter__(self) -> Iterator[str]:
-        if self._started:
-            return
-        self._started = True
-        yield from self._run(self)
-
-    def _finish(self, result: CompletionResult) -> None:
-        self._result = result
+# Servers as token sources
 
 
 _TGI_FINISH = {"eos_token": "eos", "length": "max_tokens", "stop_sequence": "eos"}
 _OPENAI_FINISH = {"stop": "eos", "length": "max_tokens"}
 
-# (row, text piece or None, the server's end of that row or None)
-Piece = tuple[int, str | None, str | None]
+# Reads a server's stream into token events; skips rows in the given set (a stop rule ended them).
+EventReader = Callable[[set[int]], Generator[TokenEvent, None, None]]
+
+
+class _ServerTokens:
+    """A :class:`~santacli.completion.TokenSource` over one streamed HTTP exchange; closing it
+    closes the connection, which is what tells the server to stop generating."""
+
+    reused_prompt_tokens = 0  # a TGI/OpenAI server does not say
+
+    def __init__(self, read: EventReader) -> None:
+        self._stopped: set[int] = set()
+        self._events = read(self._stopped)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        return self._events
+
+    def stop_row(self, row: int) -> None:
+        self._stopped.add(row)
+
+    def close(self) -> None:
+        self._events.close()
+
+
+class _SantaStream(ResultStream):
+    """A completion that a santa server computes whole: its text as it streams, then its result."""
+
+    def __init__(self, engine: RemoteEngine, body: dict[str, Any], opts: CompletionOptions) -> None:
+        super().__init__()
+        self._engine, self._body, self._opts = engine, body, opts
+
+    def _run(self) -> Iterator[Piece]:
+        http, started = self._engine.http, time.perf_counter()
+        events = http.events(http.post("/infill", self._body))
+        shown = ""
+        try:
+            for event in events:
+                if "text" in event:
+                    shown += event["text"]
+                    yield Piece(0, None, event["text"])
+                elif "result" in event:
+                    self._result = _result_from_dict(event["result"], self._opts, time.perf_counter() - started)
+                    return
+                if self.cancelled:
+                    break
+        finally:
+            events.close()
+        # Cancelled, or the stream ended without a result: report what arrived.
+        elapsed = time.perf_counter() - started
+        self._result = CompletionResult(
+            text=shown, candidates=[shown], stop_reasons=["cancelled"], mode=self._body["mode"],
+            fim=bool(self._body["suffix"]), fim_mode=self._opts.fim_mode, prompt_tokens=0, reused_prompt_tokens=0,
+            generated_tokens=0, time_to_first_token=elapsed, tokens_per_second=0.0, elapsed=elapsed,
+            truncation=fim.Truncation(), model=self._engine.name,
+        )
 
 
 class RemoteEngine:
@@ -189,7 +231,7 @@ class RemoteEngine:
         return self.model or self.endpoint
 
     def infill(self, prefix: str, suffix: str, options: CompletionOptions | None = None,
-               **overrides: object) -> RemoteCompletionStream:
+               **overrides: object) -> ResultStream:
         """Fill in the middle between ``prefix`` and ``suffix`` on the server (see ``Engine.infill``).
 
         Raises:
@@ -199,28 +241,21 @@ class RemoteEngine:
         opts = replace(options or CompletionOptions(), **overrides)  # type: ignore[arg-type]
         mode = fim.choose_mode(opts.mode, prefix, suffix)
         if self.api == "santa":
-            return RemoteCompletionStream(lambda s: self._run_santa(s, prefix, suffix, mode, opts))
-        prompt = self._prompt(prefix, suffix, opts)
+            return _SantaStream(self, self._santa_body(prefix, suffix, mode, opts), opts)
+        tok, config = self.tokenizer, self.config
+        assert tok is not None and config is not None  # loaded for tgi/openai
+        prompt = layout_prompt(tok, config.n_positions, prefix, suffix, opts)
         text = self._spell_out(prompt.ids)
-        pieces = self._tgi_pieces if self.api == "tgi" else self._openai_pieces
-        return RemoteCompletionStream(lambda s: self._run_client_side(s, prompt, text, mode, opts, pieces))
+        read = self._tgi_events if self.api == "tgi" else self._openai_events
+        return CompletionRun(lambda: _ServerTokens(lambda stopped: read(text, opts, stopped)), prompt=prompt,
+                             mode=mode, options=opts, model=self.name)
 
     def complete(self, prefix: str, options: CompletionOptions | None = None,
-                 **overrides: object) -> RemoteCompletionStream:
+                 **overrides: object) -> ResultStream:
         """Continue ``prefix`` left to right (an infill with an empty suffix)."""
         return self.infill(prefix, "", options, **overrides)
 
     # -- prompts (tgi, openai) ------------------------------------------------------------------
-
-    def _prompt(self, prefix: str, suffix: str, opts: CompletionOptions) -> fim.Prompt:
-        tok, config = self.tokenizer, self.config
-        assert tok is not None and config is not None  # loaded for tgi/openai
-        use_name = opts.use_filename and tok.filename_id is not None and bool(opts.filename)
-        return fim.build_prompt(
-            tok.encode, prefix=prefix, suffix=suffix, fim=tok.fim, fim_mode=opts.fim_mode,
-            n_positions=config.n_positions, max_tokens=opts.max_tokens,
-            filename_id=tok.filename_id if use_name else None, filename=opts.filename if use_name else None,
-        )
 
     def _spell_out(self, ids: list[int]) -> str:
         """The prompt as text with its control tokens spelled out, which the server's tokenizer
@@ -236,61 +271,10 @@ class RemoteEngine:
             )
         return text
 
-    # -- runs ------------------------------------------------------------------------------------
+    # -- reading servers' streams --------------------------------------------------------------
 
-    def _run_client_side(self, stream: RemoteCompletionStream, prompt: fim.Prompt, text: str, mode: str,
-                         opts: CompletionOptions, source: Callable[..., Generator[Piece, None, None]]
-                         ) -> Iterator[str]:
-        """Mirror of ``CompletionStream.__iter__`` with the model on the other end of a socket."""
-        started = time.perf_counter()
-        n = opts.n
-        suffix = prompt.suffix if prompt.fim else ""
-        filters = [fim.CompletionFilter(mode, prefix=prompt.prefix, suffix=suffix, stops=opts.stop)
-                   for _ in range(n)]
-        reasons: list[str | None] = [None] * n
-        counts = [0] * n
-        first_token_at: float | None = None
-        pieces = source(text, opts, lambda row: reasons[row] is not None)
-        try:
-            for row, piece, finish in pieces:
-                if first_token_at is None and piece is not None:
-                    first_token_at = time.perf_counter()
-                if reasons[row] is None and piece is not None:
-                    counts[row] += 1
-                    out = filters[row].feed(piece)
-                    if filters[row].stopped:
-                        reasons[row] = filters[row].stopped
-                    if row == 0 and out:
-                        yield out
-                if reasons[row] is None and finish is not None:
-                    reasons[row] = finish
-                if stream.cancelled:
-                    reasons = [r or "cancelled" for r in reasons]
-                if all(reasons):
-                    break
-        finally:
-            pieces.close()  # closes the connection: the server stops generating
-        texts = []
-        for row in range(n):
-            if reasons[row] is None:
-                reasons[row] = "max_tokens"
-            rest = filters[row].finish(ended_by_rule=reasons[row] != "eos")
-            if row == 0 and rest:
-                yield rest
-            texts.append(filters[row].text)
-        done = time.perf_counter()
-        first = first_token_at or done
-        generated = max(counts)
-        stream._finish(CompletionResult(
-            text=texts[0], candidates=texts, stop_reasons=[r or "max_tokens" for r in reasons], mode=mode,
-            fim=prompt.fim, fim_mode=opts.fim_mode, prompt_tokens=len(prompt.ids), reused_prompt_tokens=0,
-            generated_tokens=generated, time_to_first_token=first - started,
-            tokens_per_second=(generated - 1) / (done - first) if generated > 1 and done > first else 0.0,
-            elapsed=done - started, truncation=prompt.truncation, model=self.name,
-        ))
-
-    def _tgi_pieces(self, text: str, opts: CompletionOptions, done: Callable[[int], bool]
-                    ) -> Generator[Piece, None, None]:
+    def _tgi_events(self, text: str, opts: CompletionOptions, stopped: set[int]
+                    ) -> Generator[TokenEvent, None, None]:
         # TGI has no n: one request per candidate, each with its own seed.
         for row in range(opts.n):
             params: dict[str, Any] = {"max_new_tokens": opts.max_tokens, "details": True,
@@ -310,14 +294,15 @@ class RemoteEngine:
                     token = event.get("token") or {}
                     details = event.get("details") or {}
                     finish = _TGI_FINISH.get(details.get("finish_reason", ""))
-                    yield row, str(token.get("text", "")), finish
-                    if done(row):
+                    # A special token's text (TGI spells out <|endoftext|>) is never user text.
+                    yield row, "" if token.get("special") else str(token.get("text", "")), finish
+                    if finish is not None or row in stopped:
                         break
             finally:
                 events.close()
 
-    def _openai_pieces(self, text: str, opts: CompletionOptions, done: Callable[[int], bool]
-                    ) -> Generator[Piece, None, None]:
+    def _openai_events(self, text: str, opts: CompletionOptions, stopped: set[int]
+                       ) -> Generator[TokenEvent, None, None]:
         body: dict[str, Any] = {"model": self.model, "prompt": text, "max_tokens": opts.max_tokens,
                                 "temperature": opts.temperature, "top_p": opts.top_p, "n": opts.n,
                                 "stream": True}
@@ -339,57 +324,33 @@ class RemoteEngine:
         finally:
             events.close()
 
-    def _run_santa(self, stream: RemoteCompletionStream, prefix: str, suffix: str, mode: str,
-                   opts: CompletionOptions) -> Iterator[str]:
-        started = time.perf_counter()
+    def _santa_body(self, prefix: str, suffix: str, mode: str, opts: CompletionOptions) -> dict[str, Any]:
         body: dict[str, Any] = {
             "prefix": prefix, "suffix": suffix, "mode": mode, "fim_mode": opts.fim_mode,
             "max_tokens": opts.max_tokens, "temperature": opts.temperature, "top_p": opts.top_p,
             "top_k": opts.top_k, "seed": opts.seed, "n": opts.n, "stop": list(opts.stop), "stream": True,
         }
-        if opts.use_filename and opts.filename:
-            body["path"] = opts.filename
-        events = self.http.events(self.http.post("/infill", body))
-        shown = ""
-        try:
-            for event in events:
-                if "text" in event:
-                    shown += event["text"]
-                    yield event["text"]
-                elif "result" in event:
-                    elapsed = time.perf_counter() - started
-                    stream._finish(self._result_from_dict(event["result"], opts, elapsed))
-                    return
-                if stream.cancelled:
-                    break
-        finally:
-            events.close()
-        # Cancelled, or the stream ended without a result: report what arrived.
-        elapsed = time.perf_counter() - started
-        stream._finish(CompletionResult(
-            text=shown, candidates=[shown], stop_reasons=["cancelled"], mode=mode, fim=bool(suffix),
-            fim_mode=opts.fim_mode, prompt_tokens=0, reused_prompt_tokens=0, generated_tokens=0,
-            time_to_first_token=elapsed, tokens_per_second=0.0, elapsed=elapsed, truncation=fim.Truncation(),
-            model=self.name,
-        ))
+        if opts.metadata_filename:
+            body["path"] = opts.metadata_filename
+        return body
 
-    def _result_from_dict(self, d: dict[str, Any], opts: CompletionOptions, elapsed: float
-                          ) -> CompletionResult:
-        """Rebuild the server's ``CompletionResult.to_dict()``; ``elapsed`` is measured here."""
-        try:
-            tokens, timings, cut = d["tokens"], d["timings"], d["truncated"]
-            return CompletionResult(
-                text=d["completion"], candidates=list(d["candidates"]), stop_reasons=list(d["stop_reasons"]),
-                mode=d["mode"], fim=bool(d["fim"]), fim_mode=d["fim_mode"] or opts.fim_mode,
-                prompt_tokens=int(tokens["prompt"]), reused_prompt_tokens=int(tokens["prompt_reused"]),
-                generated_tokens=int(tokens["generated"]),
-                time_to_first_token=float(timings["time_to_first_token_s"]),
-                tokens_per_second=float(timings["tokens_per_s"]), elapsed=elapsed,
-                truncation=fim.Truncation(prefix_chars=int(cut["prefix_chars"]),
-                                          prefix_lines=int(cut["prefix_lines"]),
-                                          suffix_chars=int(cut["suffix_chars"]),
-                                          suffix_lines=int(cut["suffix_lines"])),
-                model=str(d["model"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise RemoteError(f"the server's answer is not a santa result (missing or bad {exc})") from None
+
+def _result_from_dict(d: dict[str, Any], opts: CompletionOptions, elapsed: float) -> CompletionResult:
+    """Rebuild the server's ``CompletionResult.to_dict()``; ``elapsed`` is measured here."""
+    try:
+        tokens, timings, cut = d["tokens"], d["timings"], d["truncated"]
+        return CompletionResult(
+            text=d["completion"], candidates=list(d["candidates"]), stop_reasons=list(d["stop_reasons"]),
+            mode=d["mode"], fim=bool(d["fim"]), fim_mode=d["fim_mode"] or opts.fim_mode,
+            prompt_tokens=int(tokens["prompt"]), reused_prompt_tokens=int(tokens["prompt_reused"]),
+            generated_tokens=int(tokens["generated"]),
+            time_to_first_token=float(timings["time_to_first_token_s"]),
+            tokens_per_second=float(timings["tokens_per_s"]), elapsed=elapsed,
+            truncation=fim.Truncation(prefix_chars=int(cut["prefix_chars"]),
+                                      prefix_lines=int(cut["prefix_lines"]),
+                                      suffix_chars=int(cut["suffix_chars"]),
+                                      suffix_lines=int(cut["suffix_lines"])),
+            model=str(d["model"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RemoteError(f"the server's answer is not a santa result (missing or bad {exc})") from None

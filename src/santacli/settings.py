@@ -32,7 +32,10 @@ def config_path() -> Path:
 
 @dataclass(frozen=True)
 class Settings:
-    """Defaults for every command; each may be set in config.toml under the same name."""
+    """Defaults for every command; each may be set in config.toml under the same name.
+
+    The one place santa's defaults are written: completion options and the server start here.
+    """
 
     model: str | None = None  # None: nothing configured (the bundled model, with a hint)
     device: str | None = None
@@ -48,6 +51,7 @@ class Settings:
     fim_mode: str = "psm"
     use_filename: bool = True
     hint: bool = True  # the one-line hint about real models when the bundled one is used
+    max_queue: int = 16  # santa serve: requests that may wait while one runs (more get 503)
 
     @property
     def resolved_model(self) -> str:

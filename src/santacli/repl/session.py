@@ -1,6 +1,6 @@
 """The non-terminal half of ``santa repl``: ``:commands`` and their parsing, option updates, the
 working buffer (:class:`Session`) and the text shown for results. Tested without a terminal;
-:mod:`santacli.repl` is the prompt_toolkit front end on top of it. No torch import.
+:mod:`santacli.repl.ui` is the prompt_toolkit front end on top of it. No torch import.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from santacli import fim
 from santacli.errors import InputError, UsageError
+from santacli.files import read_text_file
+from santacli.fim import COMPLETION_MODES, FIM_MODES, parse_cursor_spec, split_at_marker, split_at_position
 
-if TYPE_CHECKING:  # the engine module imports torch; only its types are needed here
-    from santacli.engine import CompletionOptions, CompletionResult
+if TYPE_CHECKING:
+    from santacli.completion import CompletionOptions, CompletionResult
 
 DEFAULT_MARKER = "<CURSOR>"
 
@@ -143,8 +144,8 @@ OPTION_PARSERS: dict[str, Callable[[str], Any]] = {
     "top_k": parse_int,
     "seed": _parse_optional_int,
     "n": parse_int,
-    "mode": _choice(fim.COMPLETION_MODES),
-    "fim_mode": _choice(fim.FIM_MODES),
+    "mode": _choice(COMPLETION_MODES),
+    "fim_mode": _choice(FIM_MODES),
     "stop": _parse_stops,
     "filename": _parse_optional_str,
     "use_filename": _parse_bool,
@@ -213,7 +214,7 @@ class Session:
     def request(self, typed: str) -> tuple[str, str]:
         """Prefix and suffix for typed input: it goes in at the buffer's cursor, and a marker in
         it moves the cursor there."""
-        split = fim.split_at_marker(typed, self.marker)
+        split = split_at_marker(typed, self.marker)
         if split is None:
             return self.before + typed, self.after
         head, tail = split
@@ -235,7 +236,13 @@ class Session:
 
     def load(self, spec: str) -> Path:
         """Load ``FILE``, ``FILE:LINE`` or ``FILE:LINE:COL`` with the cursor there (end of file when
-        no line is given); the file name becomes the ``filename`` option."""
+        no line is given); the file name becomes the ``filename`` option.
+
+        Raises:
+            UsageError: no file given, or a cursor outside the file.
+            InputError: the file cannot be read as UTF-8 text (see :func:`santacli.files.read_text_file`),
+                or it contains the cursor marker.
+        """
         if not spec:
             raise UsageError("usage: :load FILE[:LINE[:COL]]")
         spec = spec[1:-1] if len(spec) > 1 and spec[0] == spec[-1] and spec[0] in "'\"" else spec
@@ -243,20 +250,15 @@ class Session:
         if whole.is_file():
             path, cursor = whole, None
         else:
-            parsed = fim.parse_cursor_spec(spec)
+            parsed = parse_cursor_spec(spec)
             path, cursor = Path(parsed.path).expanduser(), parsed
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise InputError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"{path}: cannot read it as UTF-8 text ({exc})") from None
+        text = read_text_file(path)
         if self.marker in text:
             raise InputError(f"{path} contains the cursor marker {self.marker!r}; use another --marker")
         if cursor is None:
             self.before, self.after = text, ""
         else:
-            self.before, self.after = fim.split_at_position(text, cursor.line, cursor.column)
+            self.before, self.after = split_at_position(text, cursor.line, cursor.column)
         self.options = dataclasses.replace(self.options, filename=path.name)
         self.last = None
         return path

@@ -1,4 +1,5 @@
-"""``santa repl``: an interactive completion session on top of :class:`santacli.engine.Engine`.
+"""``santa repl``'s terminal UI: an interactive completion session over a loaded engine
+(:class:`santacli.completion.LoadedEngine`).
 
 Typed code is completed (or, when it holds the cursor marker, infilled) and the completion is
 streamed to the terminal, then shown syntax-highlighted. A working buffer collects accepted
@@ -10,8 +11,9 @@ history, which is saved across sessions; Ctrl-C clears the input or cancels a ru
 generation; Ctrl-D on an empty line quits.
 
 Everything that is not terminal UI (command parsing, option updates, the working buffer) lives in
-small functions and :class:`Session` so it can be tested without a terminal. Importing this
-module does not import torch: the engine arrives already loaded.
+:mod:`santacli.repl.session` so it can be tested without a terminal. prompt_toolkit is imported
+only here, and lazily. Importing this module does not import torch: the engine arrives already
+loaded.
 """
 
 from __future__ import annotations
@@ -26,20 +28,8 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from santacli.errors import InputError, SantaError, UsageError
-
-try:
-    import termios
-except ImportError:  # Windows
-    termios = None  # type: ignore[assignment]
-
-if TYPE_CHECKING:  # the engine module imports torch; only its types are needed here
-    from prompt_toolkit.document import Document
-    from prompt_toolkit.key_binding import KeyPressEvent
-    from rich.console import Console, RenderableType
-
-    from santacli.engine import CompletionOptions, Engine
-
-from santacli.repl_session import (
+from santacli.files import write_atomically
+from santacli.repl.session import (
     COMMANDS,
     DEFAULT_MARKER,
     OPTION_PARSERS,
@@ -57,6 +47,18 @@ from santacli.repl_session import (
     set_option,
     visible,
 )
+
+try:
+    import termios
+except ImportError:  # Windows
+    termios = None  # type: ignore[assignment]
+
+if TYPE_CHECKING:
+    from prompt_toolkit.document import Document
+    from prompt_toolkit.key_binding import KeyPressEvent
+    from rich.console import Console, RenderableType
+
+    from santacli.completion import CompletionOptions, LoadedEngine
 
 # -- terminal UI ------------------------------------------------------------------------------
 
@@ -101,7 +103,7 @@ class _Generating:
 class Repl:
     """The prompt_toolkit + rich front end around a :class:`Session`."""
 
-    def __init__(self, engine: Engine, session: Session, *, history_file: Path | None,
+    def __init__(self, engine: LoadedEngine, session: Session, *, history_file: Path | None,
                  console: Console | None = None) -> None:
         from rich.console import Console
 
@@ -309,9 +311,9 @@ class Repl:
                 raise UsageError("usage: :write FILE")
             target = Path(cmd.arg).expanduser()
             try:
-                target.write_text(s.buffer, encoding="utf-8")
+                write_atomically(target, s.buffer)
             except OSError as exc:
-                raise InputError(f"{target}: cannot write it ({exc})") from None
+                raise InputError(f"{target}: cannot write it ({exc.strerror or exc})") from None
             self.info(f"wrote {len(s.buffer)} characters to {target}")
         elif cmd.name == "clear":
             s.clear()
@@ -346,7 +348,7 @@ class Repl:
                 self.info("cancelled")
 
 
-def run(engine: Engine, options: CompletionOptions, *, history_file: Path | None = None,
+def run(engine: LoadedEngine, options: CompletionOptions, *, history_file: Path | None = None,
         marker: str = DEFAULT_MARKER, console: Console | None = None) -> None:
     """Run an interactive session until :quit or Ctrl-D.
 

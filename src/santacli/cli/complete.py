@@ -1,0 +1,95 @@
+"""``santa complete PATH:LINE[:COL]``: complete the code in a file at a cursor, the rest of the
+file being the suffix; print it, or write it into the file, or print a diff or JSON."""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from santacli.cli.options import (
+    Api,
+    Attention,
+    Candidates,
+    CommonOptions,
+    Decode,
+    Device,
+    Dtype,
+    Endpoint,
+    FimMode,
+    Json,
+    MaxTokens,
+    Mode,
+    Model,
+    NoFilename,
+    Quantize,
+    Seed,
+    Stop,
+    Temperature,
+    TopK,
+    TopP,
+)
+from santacli.cli.output import err, print_candidates, report, run_completion, state, to_json
+from santacli.errors import UsageError
+from santacli.files import read_text_file, write_atomically
+from santacli.settings import load_settings
+
+
+def complete(
+    cursor: Annotated[str, typer.Argument(metavar="PATH:LINE[:COL]",
+                                          help="File and cursor: 1-based line, optional 1-based column.")],
+    model: Model = None, max_tokens: MaxTokens = None, temperature: Temperature = None, top_p: TopP = None,
+    top_k: TopK = None, seed: Seed = None, candidates: Candidates = 1, mode: Mode = None,
+    fim_mode: FimMode = None, stop: Stop = None, device: Device = None, dtype: Dtype = None,
+    attention: Attention = None, quantize: Quantize = None, decode: Decode = None, no_filename: NoFilename = False,
+    json_out: Json = False,
+    in_place: Annotated[bool, typer.Option("--in-place", "-i", help="Write the completion into the file.")] = False,
+    diff: Annotated[bool, typer.Option("--diff", help="Print a unified diff instead of the text.")] = False,
+    endpoint: Endpoint = None, api: Api = "santa",
+) -> None:
+    """Complete the code in a file at a cursor; the rest of the file is the suffix."""
+    from santacli.fim import parse_cursor_spec, split_at_position
+
+    if sum((in_place, diff, json_out)) > 1:
+        raise UsageError("choose one of --in-place, --diff and --json")
+    spec = parse_cursor_spec(cursor)
+    path = Path(spec.path)
+    text = read_text_file(path)
+    prefix, suffix = split_at_position(text, spec.line, spec.column)
+    settings = load_settings()
+    common = CommonOptions(
+        model=model, device=device, dtype=dtype, attention=attention, quantize=quantize, decode=decode,
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, n=candidates,
+        mode=mode, fim_mode=fim_mode, stop=stop, no_filename=no_filename, endpoint=endpoint, api=api)
+    opts = common.completion_options(settings, display_name(path))
+    engine = common.engine(settings)
+    streaming = not (json_out or in_place or diff)
+    result = run_completion(engine, prefix, suffix, opts, stream_to=sys.stdout if streaming else None)
+    new_text = prefix + result.text + suffix
+    if json_out:
+        payload = result.to_dict() | {"path": str(path), "line": spec.line, "column": spec.column}
+        sys.stdout.write(to_json(payload))
+    elif diff:
+        sys.stdout.writelines(difflib.unified_diff(
+            text.splitlines(keepends=True), new_text.splitlines(keepends=True),
+            fromfile=f"a/{spec.path}", tofile=f"b/{spec.path}"))
+    elif in_place:
+        if result.text:
+            write_atomically(path, new_text)
+        if not state.quiet:
+            err.print(f"santa: inserted {len(result.text)} characters into {path}" if result.text
+                      else f"santa: empty completion; {path} left unchanged", style="dim", soft_wrap=True)
+    else:
+        print_candidates(result, streamed=True)
+    report(result)
+
+
+def display_name(path: Path) -> str:
+    """The file name as metadata: relative to the working directory when inside it."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.name

@@ -1,0 +1,27 @@
+"""``santa info``: a model's architecture, size, context, FIM sentinels and the backend santa
+would use, read without loading its weights."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from santacli.cli.options import Attention, Device, Dtype
+from santacli.settings import load_settings
+
+
+def info(
+    model: Annotated[Optional[str], typer.Argument(help="Alias, hub id or folder (default: configured).")] = None,  # noqa: UP045
+    device: Device = None, dtype: Dtype = None, attention: Attention = None,
+) -> None:
+    """Show a model's architecture, size, context, FIM sentinels and the backend santa would use."""
+    from santacli.engine import describe_model
+
+    settings = load_settings()
+    facts = describe_model(model or settings.resolved_model, device=device or settings.device,
+                           dtype=dtype or settings.dtype, attention=attention or settings.attention)
+    width = max(len(k) for k in facts)
+    for key, value in facts.items():
+        sys.stdout.write(f"{key:<{width}}  {value}\n")

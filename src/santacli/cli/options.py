@@ -1,0 +1,150 @@
+"""The options the CLI's commands share: their Typer declarations (one ``Annotated`` type per
+option, so every command spells a flag the same way) and :class:`CommonOptions`, the one object
+a command builds from its flags. It turns them into :class:`~santacli.completion.CompletionOptions`
+and an engine, applying the user's settings where a flag was not given (flag > settings).
+
+Engines are imported lazily inside functions: ``santa --help`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Optional, TypeVar
+
+import typer
+
+from santacli.cli.output import err, state
+from santacli.errors import UsageError
+from santacli.settings import Settings
+
+if TYPE_CHECKING:
+    from santacli.completion import CompletionEngine, CompletionOptions, LoadedEngine
+
+DEFAULT_MARKER = "<CURSOR>"
+APIS = ("santa", "tgi", "openai")
+
+# -- option declarations ----------------------------------------------------------------------
+# (typer needs Optional on Python 3.10, hence the UP045 exceptions)
+
+Model = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--model", "-m", envvar="SANTA_MODEL", show_envvar=True,
+    help="Alias (see `santa models`), hub id or local folder. Default: config file, else the bundled tiny model.")]
+Device = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")]  # noqa: UP045
+Dtype = Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16 or float16.")]  # noqa: UP045
+Attention = Annotated[Optional[str], typer.Option(help="Attention backend: auto, flash, sdpa or eager.")]  # noqa: UP045
+Quantize = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    help="none or int8 (CPU: int8 weights, per-channel scales; ~4x faster decode than fp32).")]
+Decode = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    help="CPU decode steps: auto (santa's native kernel where it builds, else PyTorch), native or pytorch.")]
+MaxTokens = Annotated[Optional[int], typer.Option("--max-tokens", help="Most tokens to generate.")]  # noqa: UP045
+Temperature = Annotated[Optional[float], typer.Option(help="0 is greedy (default).")]  # noqa: UP045
+TopP = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling mass (0, 1].")]  # noqa: UP045
+TopK = Annotated[Optional[int], typer.Option("--top-k", help="Sample from the k most likely tokens (0: all).")]  # noqa: UP045
+Seed = Annotated[Optional[int], typer.Option(help="Random seed for sampling.")]  # noqa: UP045
+Candidates = Annotated[int, typer.Option("--candidates", "-n", help="Number of candidates (share one prefill).")]
+Mode = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    help="Where to stop: auto, line, block or full (auto: line mid-line, else block).")]
+FimMode = Annotated[Optional[str], typer.Option("--fim-mode", help="psm (default) or spm (StarCoder's SPM v2).")]  # noqa: UP045
+Stop = Annotated[Optional[list[str]], typer.Option(help="Stop at this string (repeatable).")]  # noqa: UP045
+NoFilename = Annotated[bool, typer.Option("--no-filename", help="Don't pass the file name as <filename> metadata.")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the text.")]
+Endpoint = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    help="Send the request to a running server (santa serve, TGI, vLLM, llama.cpp) at this URL.")]
+Api = Annotated[str, typer.Option(help="Protocol of --endpoint: santa, tgi or openai.")]
+
+# -- the shared options as one object ---------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def _pick(flag: T | None, setting: T) -> T:
+    """A flag wins over the settings when it was given."""
+    return setting if flag is None else flag
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommonOptions:
+    """What a completion command's shared flags say, before settings are applied; None means
+    "not given". A command builds it once, with keyword arguments, from its parameters."""
+
+    # which model, and how to run it
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    attention: str | None = None
+    quantize: str | None = None
+    decode: str | None = None
+    # what to generate
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    n: int = 1
+    mode: str | None = None
+    fim_mode: str | None = None
+    stop: list[str] | None = None
+    no_filename: bool = False
+    # where it runs: this process, or a server
+    endpoint: str | None = None
+    api: str = APIS[0]
+
+    def completion_options(self, settings: Settings, filename: str | None) -> CompletionOptions:
+        """The request options: each flag if given, else its setting.
+
+        Raises:
+            UsageError: an invalid value (CompletionOptions validates them).
+        """
+        from santacli.completion import CompletionOptions
+
+        return CompletionOptions(
+            max_tokens=_pick(self.max_tokens, settings.max_tokens),
+            temperature=_pick(self.temperature, settings.temperature),
+            top_p=_pick(self.top_p, settings.top_p),
+            top_k=_pick(self.top_k, settings.top_k),
+            seed=self.seed,
+            n=self.n,
+            mode=_pick(self.mode, settings.mode),
+            fim_mode=_pick(self.fim_mode, settings.fim_mode),
+            stop=tuple(self.stop or ()),
+            filename=filename,
+            use_filename=settings.use_filename and not self.no_filename,
+        )
+
+    def engine(self, settings: Settings) -> CompletionEngine:
+        """A server's engine with ``--endpoint``, else the model loaded here."""
+        if not self.endpoint:
+            return self.load_engine(settings)
+        from santacli.remote import RemoteEngine
+
+        if self.api not in APIS:
+            raise UsageError(f"--api must be santa, tgi or openai, got {self.api!r}")
+        if self.api != "santa":  # only then does the local model (its tokenizer) matter
+            hint_if_bundled(settings, self.model)
+        return RemoteEngine(self.endpoint, api=self.api, model=self.model or settings.resolved_model,
+                            api_key=os.environ.get("SANTA_API_KEY"))
+
+    def load_engine(self, settings: Settings) -> LoadedEngine:
+        """Load the model in this process, with a spinner on stderr (only on a terminal)."""
+        from santacli.engine import Engine
+
+        hint_if_bundled(settings, self.model)
+        name = self.model or settings.resolved_model
+
+        def load() -> LoadedEngine:
+            return Engine.load(name, device=self.device or settings.device, dtype=self.dtype or settings.dtype,
+                               attention=self.attention or settings.attention,
+                               quantize=self.quantize or settings.quantize, decode=self.decode or settings.decode)
+
+        if err.is_terminal and not state.quiet:
+            with err.status(f"Loading {name}…", spinner="dots"):
+                return load()
+        return load()
+
+
+def hint_if_bundled(settings: Settings, model: str | None) -> None:
+    """One dim line on stderr when the bundled demo model is used without being asked for."""
+    if model is None and settings.model is None and settings.hint and not state.quiet:
+        err.print("santa: using the bundled tiny demo model; for real completions try --model santacoder "
+                  "(SANTA_NO_HINT=1 hides this)", style="dim", soft_wrap=True)

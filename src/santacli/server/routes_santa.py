@@ -1,0 +1,54 @@
+"""santa's own routes: ``POST /infill`` (the ``--json`` schema, for editor plugins and
+``--endpoint``) and ``GET /health``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from santacli.completion import CompletionOptions
+from santacli.server.state import ServerState
+from santacli.server.wire import MAX_SEED, field, sse, sse_error, stop_list, unsent
+
+
+async def health(state: ServerState, request: Request) -> Response:
+    return JSONResponse({"status": "ok", "model": state.model_name, "queued": state.worker.load})
+
+
+async def infill(state: ServerState, request: Request) -> Response:
+    body = await state.json_body(request)
+    prefix = field(body, "prefix", str)
+    suffix = field(body, "suffix", str, "")
+    opts = state.options(
+        max_tokens=state.max_tokens(body, "max_tokens", CompletionOptions.max_tokens),
+        temperature=field(body, "temperature", float, 0.0), top_p=field(body, "top_p", float, 1.0),
+        top_k=field(body, "top_k", int, 0), seed=field(body, "seed", int, None, lo=0, hi=MAX_SEED),
+        n=field(body, "n", int, 1), mode=field(body, "mode", str, "auto"),
+        fim_mode=field(body, "fim_mode", str, "psm"), stop=tuple(stop_list(body, "stop")),
+        filename=field(body, "path", str, None),
+    )
+    job = await state.start(request, lambda: state.engine.infill(prefix, suffix, opts))
+    if not field(body, "stream", bool, False):
+        result = await state.finish(job)
+        return JSONResponse(result.to_dict())
+
+    async def events() -> AsyncIterator[bytes]:
+        sent = ""
+        try:
+            async for piece in job:
+                if piece.row == 0 and piece.text:
+                    sent += piece.text
+                    yield sse({"text": piece.text})
+            result = await job.result()
+        except Exception as exc:
+            yield sse_error(exc)
+            return
+        rest = unsent(result.text, sent)
+        if rest:
+            yield sse({"text": rest})
+        yield sse({"done": True, "result": result.to_dict()})
+        yield sse("[DONE]")
+
+    return state.sse_response(events(), job)
