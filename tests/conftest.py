@@ -36,3 +36,19 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint: Path):
+    """The tiny checkpoint loaded for exact comparisons (fp32, eager attention); one per module."""
+    from santacli.engine import Engine
+
+    return Engine.load(str(tiny_checkpoint), device="cpu", dtype="float32", attention="eager")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint: Path, engine):
+    """A second, independent engine on the same checkpoint: the oracle a served one is checked against."""
+    from santacli.engine import Engine
+
+    return Engine.load(str(tiny_checkpoint), device="cpu", dtype=engine.info.dtype, attention=engine.info.attention)

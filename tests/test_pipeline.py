@@ -27,14 +27,8 @@ TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_checkpoint: Path) -> Engine:
-    return Engine.load(str(tiny_checkpoint), device="cpu", dtype="float32", attention="eager")
-
-
-@pytest.fixture(scope="module")
-def url(tiny_checkpoint: Path) -> Iterator[str]:
-    served = Engine.load(str(tiny_checkpoint), device="cpu", dtype="float32", attention="eager")
-    with running(create_app(served, max_tokens_limit=64)) as base:
+def url(reference: Engine) -> Iterator[str]:
+    with running(create_app(reference, max_tokens_limit=64)) as base:
         yield base
 
 

@@ -21,13 +21,13 @@ APIS = ("santa", "tgi", "openai")
 
 
 @pytest.fixture(scope="module")
-def served(tiny_checkpoint: Path) -> Engine:
-    return Engine.load(str(tiny_checkpoint), device="cpu", dtype="float32", attention="eager")
+def served(engine: Engine) -> Engine:
+    return engine
 
 
 @pytest.fixture(scope="module")
-def local(tiny_checkpoint: Path) -> Engine:
-    return Engine.load(str(tiny_checkpoint), device="cpu", dtype="float32", attention="eager")
+def local(reference: Engine) -> Engine:
+    return reference
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -57,17 +56,6 @@ def running(app: Any, **limits: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_checkpoint: Path) -> Engine:
-    return Engine.load(str(tiny_checkpoint), device="cpu", dtype="float32", attention="eager")
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_checkpoint: Path) -> Engine:
-    """A second engine on the same checkpoint, called directly as the oracle."""
-    return Engine.load(str(tiny_checkpoint), device="cpu", dtype="float32", attention="eager")
 
 
 @pytest.fixture(scope="module")
@@ -362,8 +350,6 @@ class GatedEngine:
 
             @property
             def result(self) -> Any:
-                for _ in self.pieces():
-                    pass
                 return stream.result
 
         return Gated()

@@ -8,7 +8,6 @@ import json
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -31,8 +30,7 @@ FIELDS = ["prefix", "suffix", "prompt", "inputs", "parameters", "max_tokens", "m
 
 
 @pytest.fixture(scope="module")
-def url(tiny_checkpoint: Path) -> Iterator[str]:
-    engine = Engine.load(str(tiny_checkpoint), device="cpu", dtype="float32", attention="eager")
+def url(engine: Engine) -> Iterator[str]:
     app = create_app(engine, max_tokens_limit=3, max_body_bytes=20_000, body_timeout=0.5,
                      cors_origins=["http://editor.example"])
     with running(app, header_timeout=0.5, max_connections=8) as base:

@@ -223,13 +223,8 @@ class CompletionRun(ResultStream):
                  options: CompletionOptions, model: str, tokenizer: Tokenizer | None = None,
                  include_stop: bool = False) -> None:
         super().__init__()
-        self._start = start
-        self._prompt = prompt
-        self._mode = mode
-        self._opts = options
-        self._model = model
-        self._tokenizer = tokenizer
-        self._include_stop = include_stop
+        self._start, self._prompt, self._mode, self._opts = start, prompt, mode, options
+        self._model, self._tokenizer, self._include_stop = model, tokenizer, include_stop
 
     @property
     def prompt_tokens(self) -> int:

@@ -5,6 +5,7 @@ and how its text is cleaned up is :mod:`santacli.stoprules`.
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from collections.abc import Callable
@@ -103,59 +104,36 @@ class Truncation:
         return bool(self.prefix_chars or self.suffix_chars)
 
 
-def _keep_tail(encode: Encode, text: str, budget: int) -> str:
-    """The longest end of ``text`` that encodes to at most ``budget`` tokens, cut at a line
-    start when any whole line fits, else at a character."""
+def _first(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
+    """The least ``i`` in ``[lo, hi)`` with ``ok(i)``, for ``ok`` false then true; ``hi`` if none."""
+    return lo + bisect.bisect_left(range(lo, hi), True, key=ok)
+
+
+def _keep(encode: Encode, text: str, budget: int, *, end: bool) -> str:
+    """The longest end (or start) of ``text`` that encodes to at most ``budget`` tokens, cut at
+    a line boundary when any whole line fits, else at a character."""
     if budget <= 0 or not text:
         return ""
-    if len(encode(text)) <= budget:
+    fits = (lambda cut: len(encode(text[cut:])) <= budget) if end else (lambda cut: len(encode(text[:cut])) <= budget)
+    if fits(0 if end else len(text)):
         return text
-    starts = [0] + [m.end() for m in re.finditer("\n", text)]
-    starts = [s for s in starts if s < len(text)]
-    # Binary search the earliest line start that fits (later starts keep fewer tokens).
-    lo, hi = 0, len(starts)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if len(encode(text[starts[mid]:])) <= budget:
-            hi = mid
-        else:
-            lo = mid + 1
-    if lo < len(starts):
-        return text[starts[lo]:]
-    lo, hi = starts[-1] if starts else 0, len(text)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if len(encode(text[mid:])) <= budget:
-            hi = mid
-        else:
-            lo = mid + 1
-    return text[lo:]
+    if end:
+        # Later line starts keep fewer tokens: the earliest one that fits keeps the most.
+        starts = [s for s in [0] + [m.end() for m in re.finditer("\n", text)] if s < len(text)]
+        line = _first(0, len(starts), lambda i: fits(starts[i]))
+        return text[starts[line]:] if line < len(starts) else text[_first(starts[-1], len(text), fits):]
+    # The first line count that no longer fits, less one, is how many whole lines do.
+    ends = [m.end() for m in re.finditer("\n", text)]
+    lines = _first(1, len(ends) + 1, lambda k: not fits(ends[k - 1])) - 1
+    return text[: ends[lines - 1]] if lines > 0 else text[: _first(1, len(text) + 1, lambda c: not fits(c)) - 1]
+
+
+def _keep_tail(encode: Encode, text: str, budget: int) -> str:
+    return _keep(encode, text, budget, end=True)
 
 
 def _keep_head(encode: Encode, text: str, budget: int) -> str:
-    """The longest start of ``text`` within ``budget`` tokens, cut after a newline if possible."""
-    if budget <= 0 or not text:
-        return ""
-    if len(encode(text)) <= budget:
-        return text
-    ends = [m.end() for m in re.finditer("\n", text)]
-    lo, hi = 0, len(ends)  # number of whole lines kept
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if len(encode(text[: ends[mid - 1]])) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    if lo > 0:
-        return text[: ends[lo - 1]]
-    lo, hi = 0, len(text)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if len(encode(text[:mid])) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return text[:lo]
+    return _keep(encode, text, budget, end=False)
 
 
 def fit_to_budget(encode: Encode, prefix: str, suffix: str, budget: int) -> tuple[str, str, Truncation]:

@@ -10,45 +10,21 @@ from typing import Annotated
 
 import typer
 
-from santacli.cli.options import (
-    Api,
-    Attention,
-    Candidates,
-    CommonOptions,
-    Decode,
-    Device,
-    Dtype,
-    Endpoint,
-    FimMode,
-    Json,
-    MaxTokens,
-    Mode,
-    Model,
-    NoFilename,
-    Quantize,
-    Seed,
-    Stop,
-    Temperature,
-    TopK,
-    TopP,
-)
+from santacli.cli.options import CommonOptions, Json, with_common_options
 from santacli.cli.output import err, print_candidates, report, run_completion, state, to_json
 from santacli.errors import UsageError
 from santacli.files import read_text_file, write_atomically
 from santacli.settings import load_settings
 
 
+@with_common_options()
 def complete(
+    common: CommonOptions,
     cursor: Annotated[str, typer.Argument(metavar="PATH:LINE[:COL]",
                                           help="File and cursor: 1-based line, optional 1-based column.")],
-    model: Model = None, max_tokens: MaxTokens = None, temperature: Temperature = None, top_p: TopP = None,
-    top_k: TopK = None, seed: Seed = None, candidates: Candidates = 1, mode: Mode = None,
-    fim_mode: FimMode = None, stop: Stop = None, device: Device = None, dtype: Dtype = None,
-    attention: Attention = None, quantize: Quantize = None, decode: Decode = None, no_filename: NoFilename = False,
     json_out: Json = False,
     in_place: Annotated[bool, typer.Option("--in-place", "-i", help="Write the completion into the file.")] = False,
     diff: Annotated[bool, typer.Option("--diff", help="Print a unified diff instead of the text.")] = False,
-    endpoint: Endpoint = None, api: Api = "santa",
 ) -> None:
     """Complete the code in a file at a cursor; the rest of the file is the suffix."""
     from santacli.fim import parse_cursor_spec, split_at_position
@@ -60,10 +36,6 @@ def complete(
     text = read_text_file(path)
     prefix, suffix = split_at_position(text, spec.line, spec.column)
     settings = load_settings()
-    common = CommonOptions(
-        model=model, device=device, dtype=dtype, attention=attention, quantize=quantize, decode=decode,
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, n=candidates,
-        mode=mode, fim_mode=fim_mode, stop=stop, no_filename=no_filename, endpoint=endpoint, api=api)
     opts = common.completion_options(settings, display_name(path))
     engine = common.engine(settings)
     streaming = not (json_out or in_place or diff)

@@ -9,40 +9,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from santacli.cli.options import (
-    DEFAULT_MARKER,
-    Api,
-    Attention,
-    Candidates,
-    CommonOptions,
-    Decode,
-    Device,
-    Dtype,
-    Endpoint,
-    FimMode,
-    Json,
-    MaxTokens,
-    Mode,
-    Model,
-    NoFilename,
-    Quantize,
-    Seed,
-    Stop,
-    Temperature,
-    TopK,
-    TopP,
-)
+from santacli.cli.options import DEFAULT_MARKER, CommonOptions, Json, with_common_options
 from santacli.cli.output import print_candidates, report, run_completion, to_json
 from santacli.errors import InputError, UsageError
 from santacli.files import decode_text, read_text_file
 from santacli.settings import load_settings
 
 
+@with_common_options()
 def infill(
-    model: Model = None, max_tokens: MaxTokens = None, temperature: Temperature = None, top_p: TopP = None,
-    top_k: TopK = None, seed: Seed = None, candidates: Candidates = 1, mode: Mode = None,
-    fim_mode: FimMode = None, stop: Stop = None, device: Device = None, dtype: Dtype = None,
-    attention: Attention = None, quantize: Quantize = None, decode: Decode = None, no_filename: NoFilename = False,
+    common: CommonOptions,
     json_out: Json = False,
     marker: Annotated[Optional[str], typer.Option(  # noqa: UP045
         help="Cursor marker in the input [default: <CURSOR>; when given, it must be present].")] = None,
@@ -53,7 +29,6 @@ def infill(
     full: Annotated[bool, typer.Option("--full", help="Print the whole text with the middle inserted.")] = False,
     path: Annotated[Optional[str], typer.Option(  # noqa: UP045
         "--path", help="File name of the code, passed as <filename> metadata.")] = None,
-    endpoint: Endpoint = None, api: Api = "santa",
 ) -> None:
     """Fill in code read from stdin at the cursor marker (no marker: continue the text)."""
     from santacli.fim import split_at_marker
@@ -72,10 +47,6 @@ def infill(
             raise UsageError(f"the cursor marker {marker!r} is not in the input")
         prefix, suffix = split if split is not None else (text, "")
     settings = load_settings()
-    common = CommonOptions(
-        model=model, device=device, dtype=dtype, attention=attention, quantize=quantize, decode=decode,
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, n=candidates,
-        mode=mode, fim_mode=fim_mode, stop=stop, no_filename=no_filename, endpoint=endpoint, api=api)
     opts = common.completion_options(settings, path)
     engine = common.engine(settings)
     streaming = not (json_out or full)

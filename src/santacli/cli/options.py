@@ -8,9 +8,12 @@ Engines are imported lazily inside functions: ``santa --help`` never imports tor
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Optional, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
 
 import typer
 
@@ -52,6 +55,44 @@ Json = Annotated[bool, typer.Option("--json", help="Print one JSON object instea
 Endpoint = Annotated[Optional[str], typer.Option(  # noqa: UP045
     help="Send the request to a running server (santa serve, TGI, vLLM, llama.cpp) at this URL.")]
 Api = Annotated[str, typer.Option(help="Protocol of --endpoint: santa, tgi or openai.")]
+
+# Flag parameter name -> (declaration, default), in --help order; "candidates" is CommonOptions.n.
+_MODEL_FLAGS: dict[str, tuple[Any, Any]] = {
+    "model": (Model, None), "max_tokens": (MaxTokens, None), "temperature": (Temperature, None),
+    "top_p": (TopP, None), "top_k": (TopK, None), "seed": (Seed, None), "candidates": (Candidates, 1),
+    "mode": (Mode, None), "fim_mode": (FimMode, None), "stop": (Stop, None), "device": (Device, None),
+    "dtype": (Dtype, None), "attention": (Attention, None), "quantize": (Quantize, None),
+    "decode": (Decode, None), "no_filename": (NoFilename, False),
+}
+_FILE_FLAGS = ("stop", "no_filename")  # only for commands that complete text from files or stdin
+_REMOTE_FLAGS: dict[str, tuple[Any, Any]] = {"endpoint": (Endpoint, None), "api": (Api, APIS[0])}
+
+
+def with_common_options(*, files: bool = True, remote: bool = True
+                        ) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give a command the shared completion flags, declared once here: its Typer signature gains
+    them (before its own flags; ``--endpoint``/``--api`` after them, with ``remote``), and it
+    receives them as one :class:`CommonOptions` in its first parameter."""
+
+    def wrap(command: Callable[..., None]) -> Callable[..., None]:
+        shared = {k: v for k, v in _MODEL_FLAGS.items() if files or k not in _FILE_FLAGS}
+        tail = _REMOTE_FLAGS if remote else {}
+        own = list(inspect.signature(command, eval_str=True).parameters.values())[1:]
+        kw = inspect.Parameter.KEYWORD_ONLY
+        params = [*(inspect.Parameter(k, kw, annotation=a, default=d) for k, (a, d) in shared.items()),
+                  *(p.replace(kind=kw) for p in own),
+                  *(inspect.Parameter(k, kw, annotation=a, default=d) for k, (a, d) in tail.items())]
+
+        @functools.wraps(command)
+        def run(**flags: Any) -> None:
+            common = {("n" if k == "candidates" else k): flags.pop(k) for k in (*shared, *tail)}
+            command(CommonOptions(**common), **flags)
+
+        run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        return run
+
+    return wrap
+
 
 # -- the shared options as one object ---------------------------------------------------------
 
