@@ -62,7 +62,7 @@ def python_file(tokens: int, count: Any) -> list[str]:
     for module in (textwrap, shlex, json_encoder):
         for line in Path(module.__file__ or "").read_text().splitlines(keepends=True):
             lines.append(line)
-            if len(lines) % 20 == 0 and count("".join(lines)) >= tokens:
+            if count("".join(lines)) >= tokens:
                 return lines
     return lines
 

@@ -106,6 +106,49 @@ def test_in_place_failure_leaves_the_original(tiny_checkpoint, source, capsys, m
     assert [p.name for p in source.parent.iterdir()] == ["app.py"]  # no temp file left behind
 
 
+def test_in_place_never_overwrites_an_edit_made_while_generating(tiny_checkpoint, source, capsys, monkeypatch):
+    from santacli.cli import complete
+
+    real = complete.run_completion
+
+    def editor_saves_meanwhile(*args, **kwargs):
+        result = real(*args, **kwargs)
+        source.write_text(source.read_text() + "# saved by the editor\n")
+        return result
+
+    monkeypatch.setattr(complete, "run_completion", editor_saves_meanwhile)
+    code, _, err = run(["complete", f"{source}:4", "--model", str(tiny_checkpoint), "--max-tokens", "4",
+                        "--mode", "full", "--in-place"], capsys, monkeypatch)
+    assert code == 3 and "changed on disk" in err and err.count("\n") == 1
+    assert source.read_text().endswith("# saved by the editor\n")
+
+
+def test_in_place_refuses_read_only_before_loading(source, capsys, monkeypatch):
+    source.chmod(0o444)
+    code, _, err = run(["complete", f"{source}:4", "--model", "/nonexistent/model", "--in-place"],
+                       capsys, monkeypatch)
+    assert code == 3 and "write-protected" in err  # the missing model was never looked at
+
+
+def test_in_place_keeps_crlf_and_bom(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "win.py"
+    path.write_bytes("\ufeffdef add(a, b):\r\n    return a + b\r\n\r\nprint(add(1, 2))\r\n".encode())
+    code, _, _ = run(["complete", f"{path}:2", "--model", str(tiny_checkpoint), "--max-tokens", "12",
+                      "--mode", "full", "--in-place"], capsys, monkeypatch)
+    data = path.read_bytes()
+    assert code == 0 and data.startswith("\ufeff".encode())
+    assert data.count(b"\n") == data.count(b"\r\n")  # every line end is CRLF, the inserted ones too
+
+
+def test_a_large_file_costs_little_more_than_a_small_one(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    big = tmp_path / "big.py"
+    big.write_text("def f(x):\n    return x\n" * 200_000 + "y = f(1)\n")  # ~4.8 MB
+    code, out, _ = run(["complete", f"{big}:400001", "--model", str(tiny_checkpoint), "--max-tokens", "4",
+                        "--json"], capsys, monkeypatch)
+    result = json.loads(out)
+    assert code == 0 and result["truncated"]["prefix_lines"] > 390_000
+
+
 @pytest.mark.parametrize(("argv", "stdin", "message"), [
     (["complete", "{missing}:1"], None, "no such file"),
     (["complete", "{dir}:1"], None, "is a directory"),

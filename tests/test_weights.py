@@ -233,3 +233,15 @@ def test_non_float_weights_are_rejected_before_reading(tmp_path, tiny_checkpoint
     save_file(state, str(broken / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"floating point: transformer\.ln_f\.bias"):
         Engine.load(str(broken))
+
+
+@pytest.mark.parametrize("entry", ["../outside.safetensors", "/etc/passwd.safetensors", "sub/../../x.safetensors",
+                                   "model.bin", 7])
+def test_shard_index_entries_stay_inside_the_folder(tmp_path, entry):
+    import json as _json
+
+    from santacli.hub import weight_files
+
+    (tmp_path / "model.safetensors.index.json").write_text(_json.dumps({"weight_map": {"wte.weight": entry}}))
+    with pytest.raises(CheckpointError, match="inside the model folder"):
+        weight_files(tmp_path)

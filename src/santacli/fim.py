@@ -18,6 +18,10 @@ from santacli.tokenizer import FimTokens
 FIM_MODES = ("psm", "spm")
 COMPLETION_MODES = ("auto", "line", "block", "full")
 PREFIX_SHARE = 0.75  # when both sides must be cut, the prefix keeps 3/4 of the room
+# Only this many characters per token of budget around the cursor are ever tokenized: no
+# tokenizer averages more on real text, and it bounds the work a 5 MB file (or a hostile
+# request) can cause.
+MAX_CHARS_PER_TOKEN = 32
 
 Encode = Callable[[str], list[int]]
 
@@ -114,6 +118,10 @@ def _keep(encode: Encode, text: str, budget: int, *, end: bool) -> str:
     a line boundary when any whole line fits, else at a character."""
     if budget <= 0 or not text:
         return ""
+    window = budget * MAX_CHARS_PER_TOKEN
+    if len(text) > window:  # what lies beyond cannot fit; cut it before tokenizing anything
+        offset = len(text) - window if end else 0
+        return _keep(encode, text[offset:offset + window], budget, end=end)
     fits = (lambda cut: len(encode(text[cut:])) <= budget) if end else (lambda cut: len(encode(text[:cut])) <= budget)
     if fits(0 if end else len(text)):
         return text
@@ -139,7 +147,9 @@ def _keep_head(encode: Encode, text: str, budget: int) -> str:
 def fit_to_budget(encode: Encode, prefix: str, suffix: str, budget: int) -> tuple[str, str, Truncation]:
     """Cut ``prefix`` (from its start) and ``suffix`` (from its end) so that their separately
     encoded tokens total at most ``budget``, keeping the text nearest the cursor."""
-    p_len, s_len = len(encode(prefix)), len(encode(suffix))
+    window = budget * MAX_CHARS_PER_TOKEN  # see MAX_CHARS_PER_TOKEN: beyond it nothing can fit
+    p_len = len(encode(prefix)) if len(prefix) <= window else budget + 1
+    s_len = len(encode(suffix)) if len(suffix) <= window else budget + 1
     if p_len + s_len <= budget:
         return prefix, suffix, Truncation()
     p_room = math.floor(budget * PREFIX_SHARE)

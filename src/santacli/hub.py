@@ -138,7 +138,14 @@ def weight_files(folder: Path) -> list[Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index}: malformed shard index ({exc})") from None
-        files = [folder / f for f in sorted(set(weight_map.values()))]
+        names = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+        # Entries name files of this folder; a path that leaves it ("../x", "/etc/y") is refused.
+        bad = [n for n in names if not isinstance(n, str) or not n.endswith(".safetensors")
+               or Path(n).is_absolute() or ".." in Path(n).parts]
+        if bad or not names:
+            raise CheckpointError(f"{index}: shard index entries must be .safetensors files inside the model "
+                                  f"folder, got {bad[:3] or 'none'}")
+        files = [folder / n for n in names]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{folder}: shard(s) listed in the index are missing: {', '.join(missing)}")

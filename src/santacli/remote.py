@@ -13,10 +13,12 @@ HTTP goes through the standard library, so the CLI needs no extra dependency for
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import replace
@@ -65,6 +67,13 @@ class _Http:
     def __init__(self, endpoint: str, *, timeout: float, api_key: str | None) -> None:
         if not endpoint.startswith(("http://", "https://")):
             raise UsageError(f"endpoint {endpoint!r} must start with http:// or https://")
+        try:
+            parts = urllib.parse.urlsplit(endpoint)
+            parts.port  # noqa: B018 (a bad port raises here)
+        except ValueError as exc:
+            raise UsageError(f"endpoint {endpoint!r} is not a valid URL ({exc})") from None
+        if not parts.hostname:
+            raise UsageError(f"endpoint {endpoint!r} names no host")
         self.endpoint = endpoint.rstrip("/")
         self.timeout = timeout
         self.headers = {"Content-Type": "application/json", "User-Agent": "santacli"}
@@ -80,6 +89,9 @@ class _Http:
             return response
         except urllib.error.HTTPError as exc:
             raise self._status_error(url, exc.code, exc.read()) from None
+        except http.client.HTTPException as exc:
+            raise RemoteError(f"{url} did not answer as an HTTP server ({type(exc).__name__}); check --endpoint"
+                              ) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise RemoteError(f"cannot reach {url} ({reason}); is the server running?") from None
@@ -114,6 +126,8 @@ class _Http:
                 if isinstance(event, dict) and event.get("error") is not None:
                     raise RemoteError(f"the server failed: {_error_message(data.encode())}")
                 yield event
+        except http.client.HTTPException as exc:
+            raise RemoteError(f"the server's answer broke off ({type(exc).__name__})") from None
         except TimeoutError:  # socket.timeout is an alias
             raise RemoteError(f"the server sent nothing for {self.timeout:g} s; try a larger timeout"
                               ) from None

@@ -13,7 +13,7 @@ import typer
 from santacli.cli.options import CommonOptions, Json, with_common_options
 from santacli.cli.output import err, print_candidates, report, run_completion, state, to_json
 from santacli.errors import UsageError
-from santacli.files import read_text_file, write_atomically
+from santacli.files import check_replaceable, read_for_completion, replace_text
 from santacli.settings import load_settings
 
 
@@ -33,7 +33,10 @@ def complete(
         raise UsageError("choose one of --in-place, --diff and --json")
     spec = parse_cursor_spec(cursor)
     path = Path(spec.path)
-    text = read_text_file(path)
+    file = read_for_completion(path)
+    if in_place:
+        check_replaceable(path)  # before the model loads, not after it has worked
+    text = file.text
     prefix, suffix = split_at_position(text, spec.line, spec.column)
     settings = load_settings()
     opts = common.completion_options(settings, display_name(path))
@@ -45,12 +48,13 @@ def complete(
         payload = result.to_dict() | {"path": str(path), "line": spec.line, "column": spec.column}
         sys.stdout.write(to_json(payload))
     elif diff:
+        old, new = (file.encode(t).decode("utf-8") for t in (text, new_text))
         sys.stdout.writelines(difflib.unified_diff(
-            text.splitlines(keepends=True), new_text.splitlines(keepends=True),
+            old.splitlines(keepends=True), new.splitlines(keepends=True),
             fromfile=f"a/{spec.path}", tofile=f"b/{spec.path}"))
     elif in_place:
         if result.text:
-            write_atomically(path, new_text)
+            replace_text(file, new_text)
         if not state.quiet:
             err.print(f"santa: inserted {len(result.text)} characters into {path}" if result.text
                       else f"santa: empty completion; {path} left unchanged", style="dim", soft_wrap=True)

@@ -42,7 +42,7 @@ def infill(
             raise InputError("the prefix and suffix files are empty: nothing to complete")
     else:
         text = read_stdin()
-        split = split_at_marker(text, marker or DEFAULT_MARKER)
+        split = split_at_marker(text, DEFAULT_MARKER if marker is None else marker)
         if split is None and marker is not None:
             raise UsageError(f"the cursor marker {marker!r} is not in the input")
         prefix, suffix = split if split is not None else (text, "")
