@@ -22,6 +22,12 @@ def serve(
         "--allow-remote", help="Allow binding a non-loopback address.")] = False,
     max_queue: Annotated[Optional[int], typer.Option(  # noqa: UP045
         "--max-queue", help=f"Queued requests before 503.  [default: {Settings.max_queue}]")] = None,
+    cors_origin: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+        "--cors-origin", help="Let web pages from this origin (https://host[:port]) call the server "
+        "(repeatable; none by default).")] = None,
+    allowed_host: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+        "--allowed-host", help="Another name clients may reach the server by, beyond loopback names and "
+        "--host (repeatable).")] = None,
 ) -> None:
     """Serve completions over HTTP (OpenAI, TGI and native APIs) with the model kept loaded."""
     from santacli.server.app import check_bind
@@ -33,4 +39,5 @@ def serve(
                            decode=decode)
     engine = common.load_engine(settings)
     serve_http(engine, host=host, port=port, api_key=api_key, allow_remote=allow_remote,
-               max_queue=settings.max_queue if max_queue is None else max_queue)
+               max_queue=settings.max_queue if max_queue is None else max_queue,
+               cors_origins=cors_origin or (), allowed_hosts=allowed_host or ())
