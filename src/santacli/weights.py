@@ -12,10 +12,11 @@ import functools
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from santacli import hub
 from santacli.config import ModelConfig
@@ -124,6 +125,21 @@ def _check_names_and_shapes(folder: Path, expected: dict[str, tuple[int, ...]],
         raise CheckpointError(f"{folder}: checkpoint does not match config.json; " + "; ".join(problems))
 
 
+class _SkipInit(TorchFunctionMode):
+    """Module constructors fill new weights with random values (``nn.init``). On the meta
+    device that only costs time (seconds of one-time dispatch setup at every start), and the
+    checkpoint overwrites the weights anyway: skip it."""
+
+    _INIT = frozenset({nn.init.normal_, nn.init.uniform_, nn.init.kaiming_uniform_, nn.init.trunc_normal_,
+                       nn.init.zeros_, nn.init.ones_, Tensor.normal_, Tensor.uniform_, Tensor.zero_, Tensor.fill_})
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        if func in self._INIT:
+            return args[0] if args else (kwargs or {})["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
 def load_model(folder: Path, config: ModelConfig, *, device: torch.device, dtype: torch.dtype, backend: str,
                convert_linear: Callable[[nn.Linear], nn.Module] | None = None,
                tied_embedding: Callable[[nn.Module], nn.Module] | None = None) -> GPTBigCode:
@@ -140,7 +156,7 @@ def load_model(folder: Path, config: ModelConfig, *, device: torch.device, dtype
         CheckpointError: missing, unexpected, mis-shaped, non-float or corrupted tensors.
     """
     files = hub.weight_files(folder)
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         model = GPTBigCode(config, backend=backend)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
     source = TensorFiles(files)
