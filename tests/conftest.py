@@ -2,11 +2,14 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 # Tiny models gain nothing from threads, and a busy 2-core machine makes OpenMP barriers spin:
 # one thread keeps the suite fast and steady (subprocesses inherit the variable).
 os.environ["OMP_NUM_THREADS"] = "1"
+# Never use (or leave behind) the user's own per-user daemon: every run gets a private folder.
+os.environ["SANTA_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="santa-tests-")
 
 import pytest
 import torch

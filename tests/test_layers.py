@@ -19,26 +19,28 @@ ALLOWED = {
     "config": {"errors"},
     "settings": {"errors", "catalog"},
     "files": {"errors"},
+    "daemon": {"errors"},
     "tokenizer": {"errors"},
     "fim": {"errors", "tokenizer"},
     "stoprules": {"errors"},
     "sampling": {"errors"},
-    "completion": {"errors", "fim", "sampling", "settings", "stoprules", "tokenizer"},
+    "speculate": {"errors"},
+    "completion": {"errors", "fim", "sampling", "settings", "stoprules", "tokenizer", "speculate"},
     "hub": {"errors", "catalog"},
     "tensorfile": {"errors"},
     "model": {"errors", "config"},
     "weights": {"errors", "config", "model", "hub", "tensorfile"},
-    "generate": {"errors", "model", "sampling"},
+    "generate": {"errors", "model", "sampling", "speculate"},
     "promptcache": {"model"},
     "engine": {"errors", "config", "model", "weights", "hub", "tokenizer", "fim", "generate", "promptcache",
-               "quantize", "completion", "native", "sampling"},
+               "quantize", "completion", "native", "sampling", "speculate"},
     "native": {"errors", "model"},
-    "remote": {"errors", "config", "hub", "tokenizer", "fim", "completion"},
+    "remote": {"errors", "config", "hub", "tokenizer", "fim", "completion", "daemon"},
     "quantize": {"errors"},
 }
 # What front ends may use of the core: the completion interface (engines are reached through
 # it; cli constructs them), settings and the ground floor. Never model, generate or fim internals.
-FRONT_END_CORE = {"completion", "settings", "catalog", "errors", "files", "engine", "remote", "hub", "fim"}
+FRONT_END_CORE = {"completion", "settings", "catalog", "errors", "files", "engine", "remote", "hub", "fim", "daemon"}
 ENGINE_BUILDERS = {"cli", "lsp"}  # only these construct engines; the others get one handed in
 FIM_FOR_FRONT_ENDS = {"parse_cursor_spec", "split_at_position", "split_at_marker", "COMPLETION_MODES", "FIM_MODES"}
 # Which front ends may import which other front ends (cli starts the others).
@@ -155,7 +157,7 @@ def test_names_come_from_where_they_are_defined(path):
 
 # Modules a client of a server needs: they must not pull in torch (seconds of start-up).
 TORCH_FREE = ["santacli.remote", "santacli.completion", "santacli.hub", "santacli.fim", "santacli.settings",
-              "santacli.stoprules", "santacli.files"]
+              "santacli.stoprules", "santacli.files", "santacli.daemon", "santacli.cli.app"]
 
 
 def test_server_clients_start_without_torch():

@@ -36,6 +36,7 @@ from santacli.completion import (
     layout_prompt,
 )
 from santacli.config import ModelConfig
+from santacli.daemon import ModelSpec, UnixHTTPConnection
 from santacli.errors import RemoteError, UsageError
 from santacli.tokenizer import Tokenizer
 
@@ -65,6 +66,14 @@ class _Http:
     """JSON POSTs and server-sent events over urllib, with santa's error messages."""
 
     def __init__(self, endpoint: str, *, timeout: float, api_key: str | None) -> None:
+        self.unix_socket: str | None = None
+        self.timeout = timeout
+        self.headers = {"Content-Type": "application/json", "User-Agent": "santacli"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        if endpoint.startswith("unix:"):  # unix:/path/to/socket (the per-user daemon)
+            self.unix_socket, self.endpoint = endpoint.removeprefix("unix:"), endpoint
+            return
         if not endpoint.startswith(("http://", "https://")):
             raise UsageError(f"endpoint {endpoint!r} must start with http:// or https://")
         try:
@@ -75,16 +84,14 @@ class _Http:
         if not parts.hostname:
             raise UsageError(f"endpoint {endpoint!r} names no host")
         self.endpoint = endpoint.rstrip("/")
-        self.timeout = timeout
-        self.headers = {"Content-Type": "application/json", "User-Agent": "santacli"}
-        if api_key:
-            self.headers["Authorization"] = f"Bearer {api_key}"
 
     def post(self, path: str, body: dict[str, Any]) -> HTTPResponse:
         url = self.endpoint + path
         data = json.dumps(body).encode()
         request = urllib.request.Request(url, data=data, headers=self.headers, method="POST")
         try:
+            if self.unix_socket is not None:
+                return self._post_unix(path, data, url)
             response: HTTPResponse = urllib.request.urlopen(request, timeout=self.timeout)
             return response
         except urllib.error.HTTPError as exc:
@@ -95,6 +102,15 @@ class _Http:
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise RemoteError(f"cannot reach {url} ({reason}); is the server running?") from None
+
+    def _post_unix(self, path: str, data: bytes, url: str) -> HTTPResponse:
+        assert self.unix_socket is not None
+        conn = UnixHTTPConnection(self.unix_socket, self.timeout)
+        conn.request("POST", path, body=data, headers=self.headers)
+        response = conn.getresponse()
+        if response.status >= 400:
+            raise self._status_error(url, response.status, response.read())
+        return response
 
     def _status_error(self, url: str, status: int, payload: bytes) -> RemoteError | UsageError:
         message = _error_message(payload) or f"HTTP {status}"
@@ -206,7 +222,7 @@ class RemoteEngine:
 
     Args:
         endpoint: the server's base URL (``http://127.0.0.1:8080``; for OpenAI servers with or
-            without the trailing ``/v1``).
+            without the trailing ``/v1``), or ``unix:/path/to/socket``.
         api: ``santa`` (a ``santa serve``), ``tgi`` (text-generation-inference or anything that
             speaks ``/generate_stream``) or ``openai`` (``/v1/completions``).
         model: folder, alias or hub id of the served model; for ``tgi``/``openai`` only its
@@ -214,6 +230,7 @@ class RemoteEngine:
             OpenAI requests. Not needed for ``santa``.
         timeout: seconds to wait for the server to connect or send the next piece.
         api_key: sent as ``Authorization: Bearer KEY`` (default: ``$SANTA_API_KEY``).
+        model_spec: the model (and how to run it) that the per-user daemon must hold.
 
     Raises:
         UsageError: unknown api, bad endpoint, or no model for tgi/openai.
@@ -221,7 +238,7 @@ class RemoteEngine:
     """
 
     def __init__(self, endpoint: str, api: str = "santa", model: str | None = None, timeout: float = 60.0,
-                 *, api_key: str | None = None) -> None:
+                 *, api_key: str | None = None, model_spec: ModelSpec | None = None) -> None:
         if api not in APIS:
             raise UsageError(f"api must be one of {', '.join(APIS)}, got {api!r}")
         if not timeout > 0:
@@ -230,6 +247,8 @@ class RemoteEngine:
         self.model = model
         self.http = _Http(endpoint, timeout=timeout, api_key=api_key or os.environ.get("SANTA_API_KEY"))
         self.endpoint = self.http.endpoint
+        if model_spec is not None:  # the daemon loads this model if it holds another
+            self.http.headers["X-Santa-Model"] = json.dumps(model_spec.to_dict())
         self.tokenizer: Tokenizer | None = None
         self.config: ModelConfig | None = None
         if api != "santa":

@@ -52,11 +52,15 @@ class Settings:
     use_filename: bool = True
     hint: bool = True  # the one-line hint about real models when the bundled one is used
     max_queue: int = 16  # santa serve: requests that may wait while one runs (more get 503)
+    daemon: str = "use"  # the per-user daemon: "use" it when running, "auto"-start it, or "off"
+    daemon_idle_minutes: float = 30.0  # a daemon started by santa exits after this long unused
 
     @property
     def resolved_model(self) -> str:
         return self.model or BUNDLED_ALIAS
 
+
+DAEMON_MODES = ("use", "auto", "off")
 
 # Accepted TOML value types per field annotation ("str | None" counts as str).
 _TOML_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,)}
@@ -86,6 +90,10 @@ def load_settings(path: Path | None = None) -> Settings:
     env_model = os.environ.get("SANTA_MODEL")
     if env_model:
         values["model"] = env_model
+    if os.environ.get("SANTA_DAEMON"):
+        values["daemon"] = os.environ["SANTA_DAEMON"]
+    if values.get("daemon", "use") not in DAEMON_MODES:
+        raise UsageError(f"daemon must be one of {', '.join(DAEMON_MODES)}, got {values['daemon']!r}")
     if os.environ.get("SANTA_NO_HINT"):
         values["hint"] = False
     return Settings(**values)

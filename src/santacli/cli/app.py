@@ -8,14 +8,17 @@ or ``SANTA_DEBUG=1``). No torch at import time: ``santa --help`` and shell compl
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import sys
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 
 from santacli import __version__
-from santacli.cli import complete, infill, info, models, repl, serve
+from santacli.cli import complete, daemon, infill, info, models, repl, serve
 from santacli.cli.output import err, state
 from santacli.errors import SantaError
 
@@ -42,14 +45,32 @@ def _root(
         raise typer.Exit()
 
 
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No spinner, stats or hints on stderr.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+
+
+def _with_root_flags(command: Callable[..., None]) -> Callable[..., None]:
+    """``command`` also taking ``--quiet`` and ``--debug`` after its name (``santa infill -q``)."""
+    params = list(inspect.signature(command, eval_str=True).parameters.values())
+    kw = inspect.Parameter.KEYWORD_ONLY
+    params += [inspect.Parameter("quiet", kw, annotation=Quiet, default=False),
+               inspect.Parameter("debug", kw, annotation=Debug, default=False)]
+
+    @functools.wraps(command)
+    def run(*, quiet: bool = False, debug: bool = False, **flags: Any) -> None:
+        state.quiet, state.debug = state.quiet or quiet, state.debug or debug
+        command(**flags)
+
+    run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return run
+
+
 # The order here is the order of `santa --help`.
-app.command()(complete.complete)
-app.command()(infill.infill)
-app.command()(models.models)
-app.command()(models.pull)
-app.command()(info.info)
-app.command()(serve.serve)
-app.command()(repl.repl)
+for _command in (complete.complete, infill.infill, models.models, models.pull, info.info, serve.serve, repl.repl):
+    app.command(name=_command.__name__)(_with_root_flags(_command))
+for _command in (daemon.start, daemon.stop, daemon.status, daemon.run):
+    daemon.app.command(name=_command.__name__, hidden=_command is daemon.run)(_with_root_flags(_command))
+app.add_typer(daemon.app, name="daemon")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ Engines are imported lazily inside functions: ``santa --help`` never imports tor
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -23,6 +24,7 @@ from santacli.settings import Settings
 
 if TYPE_CHECKING:
     from santacli.completion import CompletionEngine, CompletionOptions, LoadedEngine
+    from santacli.daemon import ModelSpec
 
 DEFAULT_MARKER = "<CURSOR>"
 APIS = ("santa", "tgi", "openai")
@@ -154,9 +156,10 @@ class CommonOptions:
         )
 
     def engine(self, settings: Settings) -> CompletionEngine:
-        """A server's engine with ``--endpoint``, else the model loaded here."""
+        """A server's engine with ``--endpoint``; else the per-user daemon when one runs (or is
+        started on first use, ``daemon = "auto"``); else the model loaded here."""
         if not self.endpoint:
-            return self.load_engine(settings)
+            return self._daemon_engine(settings) or self.load_engine(settings)
         from santacli.remote import RemoteEngine
 
         if self.api not in APIS:
@@ -166,22 +169,48 @@ class CommonOptions:
         return RemoteEngine(self.endpoint, api=self.api, model=self.model or settings.resolved_model,
                             api_key=os.environ.get("SANTA_API_KEY"))
 
+    def model_spec(self, settings: Settings) -> ModelSpec:
+        """Which model to run and how: flags, else settings."""
+        from santacli.daemon import ModelSpec
+
+        return ModelSpec(model=self.model or settings.resolved_model, device=self.device or settings.device,
+                         dtype=self.dtype or settings.dtype, attention=self.attention or settings.attention,
+                         quantize=self.quantize or settings.quantize, decode=self.decode or settings.decode)
+
+    def _daemon_engine(self, settings: Settings) -> CompletionEngine | None:
+        if settings.daemon == "off":
+            return None
+        from santacli import daemon
+        from santacli.remote import RemoteEngine
+
+        spec = self.model_spec(settings)
+        if daemon.status() is None:
+            if settings.daemon != "auto":
+                return None
+            hint_if_bundled(settings, self.model)
+            with err.status("Starting the santa daemon…", spinner="dots") if err.is_terminal and not state.quiet \
+                    else contextlib.nullcontext():
+                daemon.start(spec, idle_minutes=settings.daemon_idle_minutes)
+        # A model switch in the daemon can take as long as a load.
+        return RemoteEngine(f"unix:{daemon.socket_path()}", api="santa", model=spec.model, model_spec=spec,
+                            timeout=daemon.START_TIMEOUT)
+
     def load_engine(self, settings: Settings) -> LoadedEngine:
         """Load the model in this process, with a spinner on stderr (only on a terminal)."""
-        from santacli.engine import Engine
-
         hint_if_bundled(settings, self.model)
-        name = self.model or settings.resolved_model
-
-        def load() -> LoadedEngine:
-            return Engine.load(name, device=self.device or settings.device, dtype=self.dtype or settings.dtype,
-                               attention=self.attention or settings.attention,
-                               quantize=self.quantize or settings.quantize, decode=self.decode or settings.decode)
-
+        spec = self.model_spec(settings)
         if err.is_terminal and not state.quiet:
-            with err.status(f"Loading {name}…", spinner="dots"):
-                return load()
-        return load()
+            with err.status(f"Loading {spec.model}…", spinner="dots"):
+                return load_model(spec)
+        return load_model(spec)
+
+
+def load_model(spec: ModelSpec) -> LoadedEngine:
+    """The model ``spec`` names, loaded in this process (imports torch)."""
+    from santacli.engine import Engine
+
+    return Engine.load(spec.model, device=spec.device, dtype=spec.dtype, attention=spec.attention,
+                       quantize=spec.quantize, decode=spec.decode)
 
 
 def hint_if_bundled(settings: Settings, model: str | None) -> None:

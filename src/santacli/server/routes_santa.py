@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
@@ -14,7 +16,10 @@ from santacli.server.wire import MAX_SEED, field, sse, sse_error, stop_list, uns
 
 
 async def health(state: ServerState, request: Request) -> Response:
-    return JSONResponse({"status": "ok", "model": state.model_name, "queued": state.worker.load})
+    body: dict[str, object] = {"status": "ok", "model": state.model_name, "queued": state.worker.load}
+    if state.spec is not None:  # the per-user daemon: what santa daemon status shows
+        body |= {"pid": os.getpid(), "spec": state.spec.to_dict(), "idle_s": round(time.monotonic() - state.last_used)}
+    return JSONResponse(body)
 
 
 async def infill(state: ServerState, request: Request) -> Response:

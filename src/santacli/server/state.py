@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -15,11 +16,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
 from santacli.completion import CompletionOptions, CompletionResult, LoadedEngine, Piece, ResultStream
+from santacli.daemon import ModelSpec
 from santacli.errors import SantaError, UsageError
 from santacli.server.wire import ApiError, error_response, field, from_exception
 from santacli.server.worker import Job, Worker
 
 BODY_TIMEOUT = 30.0  # seconds for a whole request body to arrive
+log = logging.getLogger("santacli.server")
+Loader = Callable[[ModelSpec], LoadedEngine]
 
 Handler = Callable[["ServerState", Request], Awaitable[Response]]
 
@@ -28,7 +32,8 @@ class ServerState:
     """One engine, its worker and the server's limits: what every route needs."""
 
     def __init__(self, engine: LoadedEngine, *, api_key: str | None, max_queue: int, max_body_bytes: int,
-                 max_tokens_limit: int, model_name: str | None, body_timeout: float = BODY_TIMEOUT) -> None:
+                 max_tokens_limit: int, model_name: str | None, body_timeout: float = BODY_TIMEOUT,
+                 loader: Loader | None = None, spec: ModelSpec | None = None) -> None:
         if max_tokens_limit < 1:
             raise UsageError(f"max tokens limit must be >= 1, got {max_tokens_limit}")
         self.engine = engine
@@ -39,6 +44,9 @@ class ServerState:
         self.body_timeout = body_timeout
         self.model_name = model_name or engine.name
         self.created = int(time.time())
+        # The per-user daemon loads the model a request names (X-Santa-Model) in place of its own.
+        self.loader, self.spec = loader, spec
+        self.last_used = time.monotonic()
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -107,6 +115,15 @@ class ServerState:
     async def start(self, request: Request, open_stream: Callable[[], ResultStream]) -> Job:
         """Queue a completion and wait until it has started; a client that disconnects
         cancels it."""
+        self.last_used = time.monotonic()
+        wanted = self._requested_model(request)
+        if wanted is not None and wanted != self.spec:
+            plain = open_stream
+
+            def open_stream() -> ResultStream:  # on the model thread, so loads never overlap a run
+                self._switch_model(wanted)
+                return plain()
+
         job = Job(open_stream, until_gone=lambda: _disconnected(request))
         if not self.worker.submit(job):
             raise ApiError(503, f"server is busy ({self.worker.capacity} requests in progress or "
@@ -118,6 +135,22 @@ class ServerState:
         except Exception as exc:
             raise from_exception(exc) from None
         return job
+
+    def _requested_model(self, request: Request) -> ModelSpec | None:
+        header = request.headers.get("x-santa-model")
+        if header is None or self.loader is None:
+            return None
+        try:
+            return ModelSpec.from_dict(json.loads(header))
+        except (ValueError, UsageError) as exc:
+            raise ApiError(422, f"X-Santa-Model: {exc}") from None
+
+    def _switch_model(self, spec: ModelSpec) -> None:
+        if spec == self.spec or self.loader is None:
+            return
+        log.info("loading %s in place of %s", spec.model, self.spec.model if self.spec else self.model_name)
+        self.engine = self.loader(spec)  # errors (no such model...) go to this request's client
+        self.spec, self.model_name = spec, self.engine.name
 
     @staticmethod
     async def finish(job: Job, pieces: list[Piece] | None = None) -> CompletionResult:
