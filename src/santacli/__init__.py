@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
+
+# torch warns on every import when NumPy is absent, which santa does not need: not on stderr.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
 __version__ = "0.1.0"
 __all__ = ["Engine", "__version__"]

@@ -65,10 +65,13 @@ def _snapshot(repo_id: str, *, allow_download: bool) -> Path:
     except LocalEntryNotFoundError:
         pass
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    if not allow_download or offline:
+    if offline:
         raise ModelNotFoundError(
-            f"model {repo_id} is not in the local cache; run `santa pull {repo_id}` while online"
+            f"model {repo_id} is not in the local cache and HF_HUB_OFFLINE is set, so nothing is downloaded: "
+            f"unset it and run `santa pull {repo_id}`, or {_OFFLINE_HINT}"
         )
+    if not allow_download:
+        raise ModelNotFoundError(f"model {repo_id} is not in the local cache; run `santa pull {repo_id}` first")
     try:
         return Path(download(repo_id))
     except GatedRepoError:
@@ -79,10 +82,22 @@ def _snapshot(repo_id: str, *, allow_download: bool) -> Path:
         raise ModelNotFoundError(f"no model {repo_id} on the hub (check the spelling)") from None
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if any(word in first for word in _NO_NETWORK):
+            raise ModelNotFoundError(
+                f"model {repo_id} is not cached and the hub cannot be reached (this machine seems offline: "
+                f"{first}); run `santa pull {repo_id}` once online, or {_OFFLINE_HINT}"
+            ) from None
         raise ModelNotFoundError(
             f"model {repo_id} is not cached and could not be downloaded ({first}); "
             f"run `santa pull {repo_id}` when online, or pass a local folder"
         ) from None
+
+
+_NO_NETWORK = ("Name or service not known", "Temporary failure in name resolution", "ConnectError",
+               "Network is unreachable", "Connection refused", "timed out", "ConnectTimeout")
+_OFFLINE_HINT = ("pass a local model folder (config.json, model.safetensors, tokenizer.json) with --model, or copy "
+                 "the hub cache (~/.cache/huggingface/hub) from a machine that is online; `santa models` lists "
+                 "what is here, and the bundled model always works")
 
 
 def download_model(name: str) -> Path:
