@@ -315,3 +315,22 @@ def test_repl_ctrl_c_cancels_generation(slow_checkpoint: Path, tmp_path: Path) -
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
+
+
+def test_keys_typed_while_loading_are_not_echoed(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    pytest.importorskip("prompt_toolkit")
+    if not SANTA.exists():
+        pytest.skip("the santa console script is not installed in this environment")
+    env = dict(os.environ, TERM="xterm-256color", PROMPT_TOOLKIT_NO_CPR="1", XDG_DATA_HOME=str(tmp_path / "data"),
+               COLUMNS="200", LINES="50")
+    child = pexpect.spawn(str(SANTA), ["repl", "--model", str(tiny_checkpoint), "--device", "cpu"], env=env,
+                          dimensions=(50, 200), encoding="utf-8", codec_errors="replace", timeout=20)
+    try:
+        child.expect("Loading")  # torch imports and the model loads (seconds on a real model)
+        child.send("\x1b[Axy")  # an arrow key and two letters meanwhile
+        child.expect(PROMPT)
+        assert "^[[A" not in child.before and "xy" not in ANSI.sub("", child.before)
+        child.expect("xy")  # the typed-ahead text lands in the prompt's input instead
+    finally:
+        child.sendcontrol("d")
+        child.close(force=True)

@@ -8,15 +8,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from santacli.cli.options import Attention, Device, Dtype
+from santacli.cli.options import Attention, Device, Dtype, complete_model
 from santacli.settings import load_settings
 
 
 def info(
-    model: Annotated[Optional[str], typer.Argument(help="Alias, hub id or folder (default: configured).")] = None,  # noqa: UP045
+    model: Annotated[Optional[str], typer.Argument(  # noqa: UP045
+        help="Alias, hub id or folder (default: configured).", autocompletion=complete_model)] = None,
     device: Device = None, dtype: Dtype = None, attention: Attention = None,
 ) -> None:
-    """Show a model's architecture, size, context, FIM sentinels and the backend santa would use."""
+    """Show the architecture, size, context and FIM sentinels of a model, and the backend santa would use."""
     from santacli.engine import describe_model
 
     settings = load_settings()

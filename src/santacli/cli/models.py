@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from santacli import catalog
+from santacli.cli.options import complete_model
 from santacli.cli.output import err
 
 
@@ -51,8 +52,9 @@ def _size(n: int) -> str:
     return f"{value:.1f} GB"
 
 
-def pull(model: Annotated[str, typer.Argument(help="Alias or hub id to download.")]) -> None:
-    """Download a model's config, tokenizer and safetensors into the local hub cache."""
+def pull(model: Annotated[str, typer.Argument(help="Alias or hub id to download.",
+                                              autocompletion=complete_model)]) -> None:
+    """Download the config, tokenizer and safetensors of a model into the local hub cache."""
     from santacli.hub import download_model
 
     folder = download_model(model)

@@ -20,9 +20,10 @@ def repl(
         help="History file [default: santa/history in the platform data dir].")] = None,
 ) -> None:
     """An interactive session that keeps the model loaded: type code, get completions."""
-    from santacli.repl.ui import run
+    from santacli.repl.ui import no_echo, run
 
     settings = load_settings()
     opts = common.completion_options(settings, None)
-    engine = common.load_engine(settings)
+    with no_echo():  # keys typed while the model loads wait for the prompt instead of showing as ^[[A
+        engine = common.load_engine(settings)
     run(engine, opts, marker=marker, history_file=history)

@@ -17,7 +17,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
     api_key: Annotated[Optional[str], typer.Option(  # noqa: UP045
-        "--api-key", envvar="SANTA_API_KEY", help="Require 'Authorization: Bearer KEY'.")] = None,
+        "--api-key", envvar="SANTA_API_KEY", help='Require "Authorization: Bearer KEY".')] = None,
     allow_remote: Annotated[bool, typer.Option(
         "--allow-remote", help="Allow binding a non-loopback address.")] = False,
     max_queue: Annotated[Optional[int], typer.Option(  # noqa: UP045

@@ -18,6 +18,7 @@ loaded.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import signal
 import sys
@@ -63,15 +64,40 @@ if TYPE_CHECKING:
 # -- terminal UI ------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def no_echo() -> Iterator[None]:
+    """Keys typed meanwhile (while the model loads or a completion streams) are not echoed
+    raw into the output (``^[[A``); they wait in the input for the next prompt. Ctrl-C still
+    works. Does nothing when stdin is not a terminal."""
+    saved: list[Any] | None = None
+    if termios is not None:
+        try:
+            fd = sys.stdin.fileno()
+            saved = termios.tcgetattr(fd)
+            quiet = termios.tcgetattr(fd)
+            quiet[3] &= ~termios.ECHO  # lflag; ISIG stays on for Ctrl-C
+            termios.tcsetattr(fd, termios.TCSANOW, quiet)
+        except (termios.error, OSError, ValueError):  # stdin is not a terminal
+            saved = None
+    try:
+        yield
+    finally:
+        if termios is not None and saved is not None:
+            try:
+                termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, saved)
+            except (termios.error, OSError, ValueError):
+                pass
+
+
 class _Generating:
     """While a completion streams: Ctrl-C cancels it instead of raising KeyboardInterrupt (so the
     engine stops cleanly at the next token and its prompt cache stays consistent), and keys typed
-    ahead are not echoed into the output; they wait for the next prompt instead."""
+    ahead are not echoed into the output (:func:`no_echo`)."""
 
     def __init__(self, cancel: Callable[[], None]) -> None:
         self._cancel = cancel
         self._previous: Any = None
-        self._tty: list[Any] | None = None
+        self._quiet = no_echo()
         self.requested = False
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
@@ -80,23 +106,11 @@ class _Generating:
 
     def __enter__(self) -> _Generating:
         self._previous = signal.signal(signal.SIGINT, self._handler)
-        if termios is not None:
-            try:
-                fd = sys.stdin.fileno()
-                self._tty = termios.tcgetattr(fd)
-                quiet = termios.tcgetattr(fd)
-                quiet[3] &= ~termios.ECHO  # lflag; ISIG stays on for Ctrl-C
-                termios.tcsetattr(fd, termios.TCSANOW, quiet)
-            except (termios.error, OSError, ValueError):  # stdin is not a terminal
-                self._tty = None
+        self._quiet.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if termios is not None and self._tty is not None:
-            try:
-                termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, self._tty)
-            except (termios.error, OSError, ValueError):
-                pass
+        self._quiet.__exit__(None, None, None)
         signal.signal(signal.SIGINT, self._previous)
 
 
