@@ -127,3 +127,34 @@ def test_tab_completes_commands_and_options(shell_session: Tmux) -> None:
     tmux.send("santa complete --max", literal=True)
     tmux.send("Tab")
     tmux.wait_for(lambda s: "santa complete --max-tokens" in _last_line(s), "`--max<TAB>` -> --max-tokens")
+
+
+@pytest.mark.parametrize("shell_session", ["bash", "zsh", "fish"], indirect=True)
+def test_tab_completes_option_values_and_models(shell_session: Tmux) -> None:
+    tmux = shell_session
+    tmux.send("santa complete --mode bl", literal=True)
+    tmux.send("Tab")
+    tmux.wait_for(lambda s: "santa complete --mode block" in _last_line(s), "`--mode bl<TAB>` -> block")
+    tmux.send("C-u")
+    tmux.send("santa info santacoder-o", literal=True)
+    tmux.send("Tab")
+    tmux.wait_for(lambda s: "santa info santacoder-original" in _last_line(s), "a model alias")
+
+
+def test_descriptions_have_no_apostrophes():
+    """zsh completion shows command and option help inside single quotes, where an apostrophe is
+    lost (Typer writes it as '', which zsh only reads as one with RC_QUOTES)."""
+    import typer.main
+
+    from santacli.cli.app import app
+
+    def walk(command, path):
+        yield path, command.help or ""
+        for param in command.params:
+            yield f"{path} {param.name}", getattr(param, "help", None) or ""
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from walk(sub, f"{path} {name}")
+
+    found = [(where, text) for where, text in walk(typer.main.get_command(app), "santa")
+             if "'" in text.split("\n")[0] and where != "santa"]
+    assert not found

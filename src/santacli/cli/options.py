@@ -32,16 +32,36 @@ APIS = ("santa", "tgi", "openai")
 # -- option declarations ----------------------------------------------------------------------
 # (typer needs Optional on Python 3.10, hence the UP045 exceptions)
 
+def _choices(*values: str) -> Callable[[str], list[str]]:
+    """Shell completion for an option with fixed values (the shells offer files otherwise)."""
+    return lambda incomplete: [v for v in values if v.startswith(incomplete)]
+
+
+def complete_model(incomplete: str) -> list[tuple[str, str]]:
+    """Shell completion for --model: the aliases of `santa models`, with their descriptions."""
+    from santacli.catalog import ALIASES
+
+    return [(a.name, a.description) for a in ALIASES.values() if a.name.startswith(incomplete)]
+
+
 Model = Annotated[Optional[str], typer.Option(  # noqa: UP045
-    "--model", "-m", envvar="SANTA_MODEL", show_envvar=True,
+    "--model", "-m", envvar="SANTA_MODEL", show_envvar=True, autocompletion=complete_model,
     help="Alias (see `santa models`), hub id or local folder. Default: config file, else the bundled tiny model.")]
-Device = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")]  # noqa: UP045
-Dtype = Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16 or float16.")]  # noqa: UP045
-Attention = Annotated[Optional[str], typer.Option(help="Attention backend: auto, flash, sdpa or eager.")]  # noqa: UP045
+Device = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    help="cpu, cuda or cuda:N (default: cuda if available).",
+    autocompletion=_choices("cpu", "cuda", "auto"))]
+Dtype = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    help="auto, float32, bfloat16 or float16.",
+    autocompletion=_choices("auto", "float32", "bfloat16", "float16"))]
+Attention = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    help="Attention backend: auto, flash, sdpa or eager.",
+    autocompletion=_choices("auto", "flash", "sdpa", "eager"))]
 Quantize = Annotated[Optional[str], typer.Option(  # noqa: UP045
-    help="none or int8 (CPU: int8 weights, per-channel scales; ~4x faster decode than fp32).")]
+    help="none or int8 (CPU: int8 weights, per-channel scales; ~4x faster decode than fp32).",
+    autocompletion=_choices("none", "int8"))]
 Decode = Annotated[Optional[str], typer.Option(  # noqa: UP045
-    help="CPU decode steps: auto (santa's native kernel where it builds, else PyTorch), native or pytorch.")]
+    help="CPU decode steps: auto (the native kernel of santa where it builds, else PyTorch), native or pytorch.",
+    autocompletion=_choices("auto", "native", "pytorch"))]
 MaxTokens = Annotated[Optional[int], typer.Option("--max-tokens", help="Most tokens to generate.")]  # noqa: UP045
 Temperature = Annotated[Optional[float], typer.Option(help="0 is greedy (default).")]  # noqa: UP045
 TopP = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling mass (0, 1].")]  # noqa: UP045
@@ -49,14 +69,18 @@ TopK = Annotated[Optional[int], typer.Option("--top-k", help="Sample from the k 
 Seed = Annotated[Optional[int], typer.Option(help="Random seed for sampling.")]  # noqa: UP045
 Candidates = Annotated[int, typer.Option("--candidates", "-n", help="Number of candidates (share one prefill).")]
 Mode = Annotated[Optional[str], typer.Option(  # noqa: UP045
-    help="Where to stop: auto, line, block or full (auto: line mid-line, else block).")]
-FimMode = Annotated[Optional[str], typer.Option("--fim-mode", help="psm (default) or spm (StarCoder's SPM v2).")]  # noqa: UP045
+    help="Where to stop: auto, line, block or full (auto: line mid-line, else block).",
+    autocompletion=_choices("auto", "line", "block", "full"))]
+FimMode = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--fim-mode", help="psm (default) or spm (the SPM v2 of StarCoder).",
+    autocompletion=_choices("psm", "spm"))]
 Stop = Annotated[Optional[list[str]], typer.Option(help="Stop at this string (repeatable).")]  # noqa: UP045
-NoFilename = Annotated[bool, typer.Option("--no-filename", help="Don't pass the file name as <filename> metadata.")]
+NoFilename = Annotated[bool, typer.Option("--no-filename", help="Do not pass the file name as <filename> metadata.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the text.")]
 Endpoint = Annotated[Optional[str], typer.Option(  # noqa: UP045
     help="Send the request to a running server (santa serve, TGI, vLLM, llama.cpp) at this URL.")]
-Api = Annotated[str, typer.Option(help="Protocol of --endpoint: santa, tgi or openai.")]
+Api = Annotated[str, typer.Option(help="Protocol of --endpoint: santa, tgi or openai.",
+    autocompletion=_choices("santa", "tgi", "openai"))]
 
 # Flag parameter name -> (declaration, default), in --help order; "candidates" is CommonOptions.n.
 _MODEL_FLAGS: dict[str, tuple[Any, Any]] = {
