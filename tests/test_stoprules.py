@@ -121,3 +121,11 @@ def test_raw_include_stop_keeps_the_piece_that_completed_it():
     assert f.feed("a #") == "a #"
     assert f.feed("#b\nc") == "#b\nc" and f.stopped == "stop_sequence"
     assert f.feed("more") == "" and f.finish() == "" and f.text == "a ##b\nc"
+
+
+def test_a_loop_within_a_line_ends_the_text():
+    text, reason = run_filter("block", ["        self._is", "_is_is_is_is_is_is_is_is"], prefix="def f():\n")
+    assert (text, reason) == ("        self._is", "repetition")
+    # Code that repeats itself on purpose is left alone: rulers, numbers, short runs.
+    for line in ("# " + "-" * 40, "x = 1000000000000000", "ab = abab + ababab", "s = 'ha' * 3  # hahaha"):
+        assert run_filter("line", [line, "\nnext"])[0] == line

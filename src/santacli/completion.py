@@ -34,7 +34,7 @@ _DEFAULTS = Settings()
 # Why a candidate ended: the model's end of text, the token limit, a user stop string, a mode's
 # rule (see stoprules.CompletionFilter), or a cancelled request.
 STOP_REASONS = ("eos", "max_tokens", "stop_sequence", "end_of_line", "end_of_block", "blank_lines",
-                "suffix_repeat", "cancelled")
+                "suffix_repeat", "repetition", "cancelled")
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,16 @@ Pure text, no torch.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from santacli.errors import UsageError
 
-MODES = ("line", "block", "full", "raw")  # what fim.choose_mode picks, and raw prompts
+MODES = ("line", "block", "full", "raw")
+# A model stuck in a loop within a line ("self._is_is_is_is..."): a piece of 2 to 24 characters
+# with a letter in it, repeated 6 times or more at the end of the text. Code does not do that.
+_LOOP = re.compile(r"([^\n]{2,24}?)\1{5,}$")  # what fim.choose_mode picks, and raw prompts
 _BLOCK_OPENERS = (":", "{", "(", "[")
 
 
@@ -55,6 +59,14 @@ def match_indentation(completion: str, style: str | None, width: int) -> str:
 # Stop rules, post-processing and streaming
 
 
+def _repetition_cut(text: str) -> int | None:
+    """Where to end ``text`` that ends in a loop: after the repeated piece's first occurrence."""
+    match = _LOOP.search(text, max(0, text.rfind("\n") + 1))
+    if match is None or not any(c.isalpha() for c in match.group(1)) or len(match.group(0)) < 16:
+        return None
+    return match.start() + len(match.group(1))
+
+
 def _indent_of(line: str) -> int:
     return len(line.expandtabs(4)) - len(line.expandtabs(4).lstrip())
 
@@ -83,7 +95,8 @@ class CompletionFilter:
     Modes: ``line`` ends at the end of the line; ``block`` ends when a line returns to the
     indentation of the cursor's block (or left of it), at a run of two blank lines, or when the
     model starts repeating the suffix; ``full`` runs until the model stops. User ``stops``
-    strings end the text in every mode. The final text drops a tail that repeats the start of
+    strings end the text in every mode, and so does a loop within a line (a short piece repeated
+    six times or more: ``repetition``). The final text drops a tail that repeats the start of
     the suffix and follows the file's indentation style.
 
     ``raw`` (raw prompts from TGI/OpenAI clients) applies the stop strings alone and changes
@@ -129,6 +142,10 @@ class CompletionFilter:
             block = self._block_cut(text)
             if block is not None:
                 cuts.append(block)
+        if self.mode != "raw":
+            loop = _repetition_cut(text)
+            if loop is not None:
+                cuts.append((loop, "repetition"))
         return min(cuts) if cuts else None
 
     def _block_cut(self, text: str) -> tuple[int, str] | None:
