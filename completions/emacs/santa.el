@@ -16,6 +16,10 @@
 ;;   (require 'santa)
 ;;   (setq santa-model "bigcode/tiny_starcoder_py")   ; optional
 ;;   (add-hook 'prog-mode-hook #'santa-mode)           ; M-\ asks for a suggestion
+;;
+;; A server started with --api-key gets `santa-api-key' (else $SANTA_API_KEY) as a Bearer token;
+;; a server that does not reply within `santa-timeout' seconds (10) is reported, like any other
+;; server error.  Only when no server is listening at all does the CLI run instead.
 
 ;;; Code:
 
@@ -32,6 +36,14 @@
 (defcustom santa-args nil "Extra arguments for `santa infill'." :type '(repeat string))
 (defcustom santa-server "http://127.0.0.1:8080"
   "URL of `santa serve'; nil to use the CLI only." :type '(choice (const nil) string))
+(defcustom santa-api-key nil
+  "Key for a server started with --api-key (nil: $SANTA_API_KEY).
+Sent as \"Authorization: Bearer KEY\" through a private temporary
+file, never on curl's command line."
+  :type '(choice (const nil) string))
+(defcustom santa-timeout 10
+  "Seconds to wait for the server's reply (curl --max-time); nil or 0: no limit."
+  :type '(choice (const nil) number))
 (defcustom santa-curl "curl" "The curl executable (used to talk to the server)." :type 'string)
 (defcustom santa-max-tokens nil "Most tokens to generate (nil: santa's default)."
   :type '(choice (const nil) integer))
@@ -46,6 +58,7 @@
 (defvar santa--server-down-until 0 "Don't try the server before this time.")
 (defvar santa--seq 0)
 (defvar santa-last-error nil "The last error message, or nil.")
+(defvar santa--header-files nil "Header files of requests in flight (deleted when Emacs exits).")
 
 (defun santa--marker (text)
   "A cursor marker that does not occur in TEXT."
@@ -65,29 +78,43 @@
 
 (defun santa--run (command input done)
   "Run COMMAND with INPUT on stdin.
-Call DONE with (STATUS STDOUT STDERR) when it exits."
+Call DONE with (STATUS STDOUT STDERR) when it exits, or soon with
+status 127 when it cannot start."
   (let* ((out (generate-new-buffer " *santa-out*"))
          (err (generate-new-buffer " *santa-err*"))
          (err-pipe (make-pipe-process :name "santa-stderr" :buffer err :noquery t
                                       :coding 'utf-8-unix :sentinel #'ignore))
-         (proc (make-process
-                :name "santa" :buffer out :command command :connection-type 'pipe
-                :coding 'utf-8-unix :noquery t :stderr err-pipe
-                :sentinel
-                (lambda (p _event)
-                  (unless (process-live-p p)
-                    ;; let the stderr pipe drain before reading it
-                    (accept-process-output err-pipe 0.05)
-                    (let ((status (process-exit-status p))
-                          (stdout (with-current-buffer out (buffer-string)))
-                          (stderr (with-current-buffer err (buffer-string))))
-                      (delete-process err-pipe)
-                      (kill-buffer out)
-                      (kill-buffer err)
-                      (funcall done status stdout stderr)))))))
-    (process-send-string proc input)
-    (process-send-eof proc)
+         (proc (condition-case nil
+                   (santa--start command out err err-pipe done)
+                 (error (delete-process err-pipe)
+                        (kill-buffer out)
+                        (kill-buffer err)
+                        ;; later, as for any other failure: the caller records the process first
+                        (run-at-time 0 nil done 127 "" (concat "cannot run " (car command)))
+                        nil))))
+    (when proc
+      (process-send-string proc input)
+      (process-send-eof proc))
     proc))
+
+(defun santa--start (command out err err-pipe done)
+  "Start COMMAND with stdout to buffer OUT, stderr through ERR-PIPE to buffer ERR.
+Call DONE with (STATUS STDOUT STDERR) when it exits."
+  (make-process
+   :name "santa" :buffer out :command command :connection-type 'pipe
+   :coding 'utf-8-unix :noquery t :stderr err-pipe
+   :sentinel
+   (lambda (p _event)
+     (unless (process-live-p p)
+       ;; let the stderr pipe drain before reading it
+       (accept-process-output err-pipe 0.05)
+       (let ((status (process-exit-status p))
+             (stdout (with-current-buffer out (buffer-string)))
+             (stderr (with-current-buffer err (buffer-string))))
+         (delete-process err-pipe)
+         (kill-buffer out)
+         (kill-buffer err)
+         (funcall done status stdout stderr))))))
 
 (defun santa--report (message)
   (setq santa-last-error message)
@@ -128,38 +155,98 @@ Call DONE with (STATUS STDOUT STDERR) when it exits."
                                    (santa--report (if (string-prefix-p "santa:" line) line
                                                     (format "santa: %s (exit %d)" line status)))))))))))
 
+;; The key never goes on curl's command line: any user on the machine can read that (ps,
+;; /proc/PID/cmdline).  stdin is taken by the JSON body, and a curl config on stdin (`-K -')
+;; cannot carry the body as well (curl caps a config line at 100 KB, less than a source file
+;; can be).  So the header goes into a file that `make-temp-file' creates with mode 0600, is
+;; handed to curl as `-H @FILE', and is deleted as soon as curl exits (or Emacs does).
+(defun santa--api-key ()
+  "The API key to send: `santa-api-key', else $SANTA_API_KEY; nil for none."
+  (let ((key (string-trim (or (and santa-api-key (not (string-empty-p santa-api-key)) santa-api-key)
+                              (getenv "SANTA_API_KEY")
+                              ""))))
+    (unless (string-empty-p key) key)))
+
+(defun santa--header-file (key)
+  "A new file (mode 0600) holding the Authorization header for KEY."
+  (let* ((coding-system-for-write 'utf-8-unix)
+         (file (make-temp-file "santa-" nil nil (concat "Authorization: Bearer " key "\n"))))
+    (push file santa--header-files)
+    file))
+
+(defun santa--delete-header-files (&optional file)
+  "Delete the header FILE, or every one left (when Emacs exits)."
+  (dolist (f (if file (list file) santa--header-files))
+    (ignore-errors (delete-file f))
+    (setq santa--header-files (delete f santa--header-files))))
+
+(add-hook 'kill-emacs-hook #'santa--delete-header-files)
+
+(defun santa--timeout ()
+  "`santa-timeout' as curl's --max-time wants it, or nil for no limit."
+  (when (and (numberp santa-timeout) (> santa-timeout 0))
+    (number-to-string santa-timeout)))
+
 (defun santa--via-server (request url)
-  (let ((body (json-encode `((prefix . ,(plist-get request :prefix))
-                             (suffix . ,(plist-get request :suffix))
-                             (path . ,(plist-get request :path))
-                             ,@(when santa-max-tokens `((max_tokens . ,santa-max-tokens)))
-                             ,@(when santa-mode-name `((mode . ,santa-mode-name)))))))
-    (plist-put request :via 'server)
-    (plist-put request :process
-               ;; No --fail: an HTTP error has a body worth showing; the status comes last.
-               (santa--run (list santa-curl "-sS" "--connect-timeout" "1" "-w" "\n%{http_code}"
-                                 "-H" "Content-Type: application/json" "--data-binary" "@-"
-                                 (concat (string-remove-suffix "/" url) "/infill"))
-                           body
-                           (lambda (status stdout _stderr)
-                             (when (eq request santa--request)
-                               (cond
-                                ((/= status 0)
-                                 ;; no server: use the CLI, and skip the server for a while
-                                 (setq santa--server-down-until (+ (float-time) 30))
-                                 (santa--via-cli request))
-                                ((string-match "\n\\([0-9][0-9][0-9]\\)[ \t\n]*\\'" stdout)
-                                 (let ((reply (substring stdout 0 (match-beginning 0)))
-                                       (code (match-string 1 stdout)))
-                                   (if (equal code "200")
-                                       (santa--on-reply request reply)
-                                     ;; the server answered with an error (busy, bad request): it is not down
-                                     (setq santa--request nil)
-                                     (santa--report (concat "santa: server: " (santa--server-error reply code))))))
-                                (t
-                                 (setq santa--request nil)
-                                 (santa--report (concat "santa: unexpected reply: "
-                                                        (truncate-string-to-width stdout 200)))))))))))
+  (let* ((body (json-encode `((prefix . ,(plist-get request :prefix))
+                              (suffix . ,(plist-get request :suffix))
+                              (path . ,(plist-get request :path))
+                              ,@(when santa-max-tokens `((max_tokens . ,santa-max-tokens)))
+                              ,@(when santa-mode-name `((mode . ,santa-mode-name))))))
+         (seconds (santa--timeout))
+         (key (santa--api-key))
+         (header-file (and key (condition-case nil (santa--header-file key) (error 'failed)))))
+    (if (eq header-file 'failed)
+        (progn (setq santa--request nil)
+               (santa--report "santa: cannot write a temporary file for the API key"))
+      (plist-put request :via 'server)
+      (plist-put request :process
+                 ;; No --fail: an HTTP error has a body worth showing.  The last line of the output
+                 ;; is the HTTP status and whether a connection was made at all (0: no server there).
+                 (santa--run (append (list santa-curl "-sS" "--connect-timeout" "1"
+                                           "-w" "\n%{http_code} %{num_connects}"
+                                           "-H" "Content-Type: application/json" "--data-binary" "@-")
+                                     ;; a stalled server must not keep a request running forever
+                                     (when seconds (list "--max-time" seconds))
+                                     (when header-file (list "-H" (concat "@" header-file)))
+                                     (list (concat (string-remove-suffix "/" url) "/infill")))
+                             body
+                             (lambda (status stdout stderr)
+                               (when header-file (santa--delete-header-files header-file))
+                               (when (eq request santa--request)
+                                 (santa--on-server request status stdout stderr seconds))))))))
+
+(defun santa--on-server (request status stdout stderr seconds)
+  "Handle curl's exit STATUS, STDOUT and STDERR for REQUEST.
+SECONDS is its --max-time, or nil."
+  (let* ((tail (string-match "\n\\([0-9][0-9][0-9]\\) \\([0-9]+\\)[ \t\n]*\\'" stdout))
+         (reply (and tail (substring stdout 0 tail)))
+         (code (and tail (match-string 1 stdout)))
+         (connects (and tail (match-string 2 stdout))))
+    (cond
+     ((and (/= status 0) (member connects '(nil "0")))
+      ;; no server: use the CLI, and skip the server for a while
+      (setq santa--server-down-until (+ (float-time) 30))
+      (santa--via-cli request))
+     ((and (= status 0) (equal code "200"))
+      (santa--on-reply request reply))
+     (t
+      ;; The server is there but failed us: an error status (busy, bad request, wrong key), no
+      ;; reply in time, a dropped connection.  Say so: it is not down, and the CLI would load a
+      ;; second copy of the model.
+      (setq santa--request nil)
+      (santa--report
+       (concat "santa: server: "
+               (cond
+                ((= status 28) (format "no reply within %s s (santa-timeout)" (or seconds "?")))
+                ((/= status 0)
+                 (let ((line (replace-regexp-in-string
+                              "\\`curl: ([0-9]+) " ""
+                              (string-trim (car (split-string stderr "\n"))))))
+                   (if (string-empty-p line) (format "curl exit status %d" status) line)))
+                ((not code) (concat "unexpected reply: " (truncate-string-to-width stdout 200)))
+                (t (concat (santa--server-error reply code)
+                           (when (equal code "401") " (set santa-api-key or $SANTA_API_KEY)"))))))))))
 
 (defun santa--server-error (body code)
   "The message of a server's JSON error BODY, else \"HTTP CODE\".
@@ -178,6 +265,8 @@ BODY has santa's, OpenAI's or TGI's error shape."
   (interactive)
   (santa-dismiss)
   (when-let ((proc (plist-get santa--request :process)))
+    ;; forget it first: deleting the process runs its sentinel, which must see a stale request
+    (setq santa--request nil)
     (when (process-live-p proc) (delete-process proc)))
   (setq santa--seq (1+ santa--seq))
   (let ((request (list :buffer (current-buffer) :point (point) :tick (buffer-chars-modified-tick)

@@ -4,8 +4,9 @@
 " curl) or, when no server answers, to `santa infill --json` with a marker that is not in the
 " buffer. Both run as background jobs, so typing never waits; a reply for a buffer that changed
 " meanwhile is dropped. The suggestion shows as virtual text until accepted or dismissed.
-" Options (g: or b:): santa_command, santa_model, santa_args, santa_server, santa_max_tokens,
-" santa_mode, santa_curl. See README.md ("Shell, REPL and editors").
+" Options (g: or b:): santa_command, santa_model, santa_args, santa_server, santa_api_key (else
+" $SANTA_API_KEY), santa_timeout (seconds for a server reply, default 10; 0: none),
+" santa_max_tokens, santa_mode, santa_curl. See README.md ("Shell, REPL and editors").
 
 let s:seq = 0
 let s:req = {}        " the request in flight
@@ -64,8 +65,14 @@ endfunction
 
 " -- jobs (Vim and Neovim) ----------------------------------------------------------------------
 
+" A command that cannot start fails like any other: Done runs later, once the caller has kept
+" the handle (for a server request, Done starts the CLI, whose handle must not be overwritten).
+function! s:later(Done, program) abort
+  call timer_start(0, {-> a:Done(127, '', 'cannot run ' . a:program)})
+endfunction
+
 " Run cmd with input on stdin; call Done(status, stdout, stderr) when it has exited and its
-" output is read. Returns a handle for s:stop().
+" output is read (or, when it cannot start, soon with status 127). Returns a handle for s:stop().
 function! s:job(cmd, input, Done) abort
   let ctx = {'out': [], 'err': [], 'status': -1, 'closed': 0, 'Done': a:Done}
   if has('nvim')
@@ -87,7 +94,7 @@ function! s:job(cmd, input, Done) abort
       let id = -1
     endtry
     if id <= 0
-      call a:Done(127, '', 'cannot run ' . a:cmd[0])
+      call s:later(a:Done, a:cmd[0])
       return 0
     endif
     call chansend(id, a:input)
@@ -117,7 +124,7 @@ function! s:job(cmd, input, Done) abort
   let job = job_start(a:cmd, {'in_io': 'pipe', 'out_mode': 'raw', 'err_mode': 'raw',
         \ 'out_cb': ctx.on_out, 'err_cb': ctx.on_err, 'close_cb': ctx.on_close, 'exit_cb': ctx.on_exit})
   if job_status(job) ==# 'fail'
-    call a:Done(127, '', 'cannot run ' . a:cmd[0])
+    call s:later(a:Done, a:cmd[0])
     return 0
   endif
   call ch_sendraw(job, a:input)
@@ -155,6 +162,38 @@ function! santa#complete() abort
   endif
 endfunction
 
+" The key for a server started with --api-key: g:/b:santa_api_key, else $SANTA_API_KEY.
+function! s:api_key() abort
+  let key = s:opt('api_key', '')
+  return trim(empty(key) ? $SANTA_API_KEY : key)
+endfunction
+
+" A file holding the Authorization header, for curl's `-H @FILE`. The key never goes on curl's
+" command line: any user on the machine can read that (ps, /proc/PID/cmdline). stdin is taken by
+" the JSON body, and a curl config on stdin (`-K -`) cannot carry the body as well (curl caps a
+" config line at 100 KB, less than a source file can be). So the header goes into a file only we
+" can read: mode 0600, in Vim's private temporary directory (itself 0700, removed when Vim exits),
+" deleted as soon as curl exits. Returns '' when it cannot be written.
+function! s:header_file(key) abort
+  let file = tempname()
+  try
+    call writefile([], file)
+    call setfperm(file, 'rw-------')  " before the key goes in
+    call writefile(['Authorization: Bearer ' . a:key], file)
+  catch
+    call delete(file)
+    return ''
+  endtry
+  return file
+endfunction
+
+" g:santa_timeout as curl's --max-time wants it ('10', '2.5'); '' for no limit.
+function! s:timeout() abort
+  let t = s:opt('timeout', 10)
+  let t = type(t) == v:t_string ? str2float(t) : t
+  return t > 0 ? substitute(string(t), '\.0$', '', '') : ''
+endfunction
+
 function! s:via_server(req, server) abort
   let body = {'prefix': a:req.prefix, 'suffix': a:req.suffix, 'path': a:req.path}
   if s:opt('max_tokens', 0) > 0
@@ -163,30 +202,62 @@ function! s:via_server(req, server) abort
   if !empty(s:opt('mode', ''))
     let body.mode = s:opt('mode', '')
   endif
-  " No --fail: an HTTP error has a body worth showing; the status comes on a last line of its own.
-  let cmd = [s:opt('curl', 'curl'), '-sS', '--connect-timeout', '1', '-w', "\n%{http_code}", '-H',
-        \ 'Content-Type: application/json', '--data-binary', '@-', substitute(a:server, '/$', '', '') . '/infill']
+  " No --fail: an HTTP error has a body worth showing. The last line of the output is the HTTP
+  " status and whether a connection was made at all (0: no server there, try the CLI).
+  let cmd = [s:opt('curl', 'curl'), '-sS', '--connect-timeout', '1', '-w', "\n%{http_code} %{num_connects}",
+        \ '-H', 'Content-Type: application/json', '--data-binary', '@-']
+  if !empty(s:timeout())  " a stalled server must not keep a request running forever
+    let cmd += ['--max-time', s:timeout()]
+  endif
+  let key = s:api_key()
+  let keyfile = ''
+  if !empty(key)
+    let keyfile = s:header_file(key)
+    if empty(keyfile)
+      let s:last_error = 'santa: cannot write a temporary file for the API key'
+      let s:req = {}
+      echohl ErrorMsg | echomsg s:last_error | echohl None
+      return
+    endif
+    let cmd += ['-H', '@' . keyfile]
+  endif
+  let cmd += [substitute(a:server, '/$', '', '') . '/infill']
   let a:req.via = 'server'
-  let a:req.job = s:job(cmd, json_encode(body), function('s:on_server', [a:req]))
+  let a:req.job = s:job(cmd, json_encode(body), function('s:on_server', [a:req, keyfile]))
 endfunction
 
-function! s:on_server(req, status, out, err) abort
+function! s:on_server(req, keyfile, status, out, err) abort
+  if !empty(a:keyfile)
+    call delete(a:keyfile)
+  endif
   if a:req isnot s:req
     return
   endif
-  if a:status != 0
+  let m = matchlist(a:out, '\v^(\_.*)\n(\d{3}) (\d+)\s*$')
+  if a:status != 0 && (empty(m) || m[3] ==# '0')
     " no server: use the CLI and don't try the server again for a while
     let s:server_down_until = localtime() + 30
     call s:via_cli(a:req)
     return
   endif
-  let m = matchlist(a:out, '\v^(\_.*)\n(\d{3})\s*$')
-  if !empty(m) && m[2] ==# '200'
+  if a:status == 0 && !empty(m) && m[2] ==# '200'
     call s:on_reply(a:req, m[1])
     return
   endif
-  " the server answered with an error (busy, bad request): say so, it is not down
-  let s:last_error = 'santa: server: ' . s:server_error(empty(m) ? a:out : m[1], empty(m) ? '?' : m[2])
+  " The server is there but failed us: an error status (busy, bad request, wrong key), no reply
+  " in time, a dropped connection. Say so; it is not down, and the CLI would load a second model.
+  if a:status == 28
+    let msg = 'no reply within ' . s:timeout() . ' s (g:santa_timeout)'
+  elseif a:status != 0
+    let msg = substitute(trim(get(split(a:err, "\n"), 0, '')), '^curl: (\d\+) ', '', '')
+    let msg = empty(msg) ? 'curl exit status ' . a:status : msg
+  else
+    let msg = s:server_error(empty(m) ? a:out : m[1], empty(m) ? '?' : m[2])
+    if !empty(m) && m[2] ==# '401'
+      let msg .= ' (set g:santa_api_key or $SANTA_API_KEY)'
+    endif
+  endif
+  let s:last_error = 'santa: server: ' . msg
   let s:req = {}
   echohl ErrorMsg | echomsg s:last_error | echohl None
 endfunction

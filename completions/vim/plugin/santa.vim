@@ -16,9 +16,14 @@ inoremap <silent> <Plug>(santa-dismiss) <Cmd>call santa#dismiss()<CR>
 nnoremap <silent> <Plug>(santa-complete) <Cmd>call santa#complete()<CR>
 
 if !get(g:, 'santa_no_mappings', 0)
-  " Ctrl-G s (any terminal) or Alt-\ (Neovim, GUI) asks; Tab accepts, only while a suggestion
-  " shows; Ctrl-] dismisses.
-  imap <C-g>s <Plug>(santa-complete)
+  " Ctrl-G s asks, in every Vim and Neovim (unless something else has it already). Alt-\ asks
+  " too only where it is a key of its own: Neovim and the GUI. A terminal sends Alt-\ as Esc \,
+  " which leaves insert mode before any mapping sees it, and in terminal Vim a <M-\> mapping
+  " would instead take over typing U+00DC (the character Vim makes of Meta-\). Tab accepts, only
+  " while a suggestion shows; Ctrl-] dismisses.
+  if empty(maparg('<C-g>s', 'i'))
+    imap <C-g>s <Plug>(santa-complete)
+  endif
   if has('nvim') || has('gui_running')
     imap <M-\> <Plug>(santa-complete)
   endif

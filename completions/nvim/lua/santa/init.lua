@@ -7,6 +7,10 @@
 -- buffer. Both are background jobs, so typing never waits; a reply for a buffer or cursor that
 -- changed meanwhile is dropped. The suggestion is shown with extmarks (first line as virtual
 -- text at the cursor, the rest as virtual lines) until accepted or dismissed.
+--
+-- A server started with --api-key gets `api_key` (else $SANTA_API_KEY) as a Bearer token; a
+-- server that does not reply within `timeout` seconds (10) is reported, like any other server
+-- error. Only when no server is listening at all does the CLI run instead.
 
 local M = {}
 
@@ -15,6 +19,8 @@ M.config = {
   model = nil, -- --model for the CLI (nil: SANTA_MODEL or santa's default)
   args = {}, -- extra CLI arguments, e.g. { "--device", "cpu" }
   server = "http://127.0.0.1:8080", -- santa serve URL; "" or false: CLI only
+  api_key = nil, -- for a server started with --api-key (nil: $SANTA_API_KEY)
+  timeout = 10, -- seconds to wait for the server's reply (curl --max-time); 0: no limit
   curl = "curl",
   max_tokens = nil,
   mode = nil, -- auto | line | block | full
@@ -66,7 +72,8 @@ function M.cli_command(marker, path)
   return vim.list_extend(cmd, c.args or {})
 end
 
--- Run cmd with `input` on stdin; done(code, stdout, stderr) on the main loop when it exits.
+-- Run cmd with `input` on stdin; done(code, stdout, stderr) on the main loop when it exits
+-- (or soon with 127 when it cannot start).
 local function run(cmd, input, done)
   local out, err = {}, {}
   local ok, job = pcall(vim.fn.jobstart, cmd, {
@@ -77,7 +84,9 @@ local function run(cmd, input, done)
     on_exit = function(_, code) done(code, table.concat(out, "\n"), table.concat(err, "\n")) end,
   })
   if not ok or job <= 0 then
-    done(127, "", "cannot run " .. cmd[1])
+    -- later, like any other failure: the caller keeps the handle first (for a server request,
+    -- done starts the CLI, whose handle must not be overwritten)
+    vim.schedule(function() done(127, "", "cannot run " .. cmd[1]) end)
     return nil
   end
   vim.fn.chansend(job, input)
@@ -157,27 +166,90 @@ local function server_error(body, status)
   return "HTTP " .. status
 end
 
+local function api_key()
+  local key = M.config.api_key
+  if key == nil or key == "" then key = vim.env.SANTA_API_KEY end
+  return key and vim.trim(tostring(key)) or ""
+end
+
+-- A file holding the Authorization header, for curl's `-H @FILE`. The key never goes on curl's
+-- command line: any user on the machine can read that (ps, /proc/PID/cmdline). stdin is taken by
+-- the JSON body, and a curl config on stdin (`-K -`) cannot carry the body as well (curl caps a
+-- config line at 100 KB, less than a source file can be). So the header goes into a file created
+-- with mode 0600 in Neovim's private temporary directory (0700, removed when Neovim exits), and
+-- deleted as soon as curl exits. Returns nil and the reason when it cannot be written.
+local function header_file(key)
+  local path = vim.fn.tempname()
+  local fd, err = vim.loop.fs_open(path, "w", 384) -- 384 = 0600
+  if not fd then return nil, err end
+  local ok, werr = vim.loop.fs_write(fd, "Authorization: Bearer " .. key .. "\n", -1)
+  vim.loop.fs_close(fd)
+  if not ok then
+    os.remove(path)
+    return nil, werr
+  end
+  return path
+end
+
+-- config.timeout as curl's --max-time wants it ("10", "2.5"); nil for no limit
+local function timeout()
+  local t = tonumber(M.config.timeout)
+  if not t or t <= 0 then return nil end
+  return (tostring(t):gsub("%.0$", ""))
+end
+
 local function via_server(req, url)
   local body = { prefix = req.prefix, suffix = req.suffix, path = req.path,
                  max_tokens = M.config.max_tokens, mode = M.config.mode }
-  -- No --fail: an HTTP error has a body worth showing; the status comes on a last line of its own.
-  local cmd = { M.config.curl, "-sS", "--connect-timeout", "1", "-w", "\n%{http_code}",
-                "-H", "Content-Type: application/json", "--data-binary", "@-", (url:gsub("/$", "")) .. "/infill" }
+  -- No --fail: an HTTP error has a body worth showing. The last line of the output is the HTTP
+  -- status and whether a connection was made at all (0: no server there, try the CLI).
+  local cmd = { M.config.curl, "-sS", "--connect-timeout", "1", "-w", "\n%{http_code} %{num_connects}",
+                "-H", "Content-Type: application/json", "--data-binary", "@-" }
+  local seconds = timeout()
+  if seconds then -- a stalled server must not keep a request running forever
+    vim.list_extend(cmd, { "--max-time", seconds })
+  end
+  local key, keyfile = api_key(), nil
+  if key ~= "" then
+    local err
+    keyfile, err = header_file(key)
+    if not keyfile then
+      request = nil
+      report("santa: cannot write a temporary file for the API key: " .. tostring(err))
+      return
+    end
+    vim.list_extend(cmd, { "-H", "@" .. keyfile })
+  end
+  table.insert(cmd, (url:gsub("/$", "")) .. "/infill")
   req.via = "server"
-  req.job = run(cmd, vim.fn.json_encode(body), function(code, out)
+  req.job = run(cmd, vim.fn.json_encode(body), function(code, out, err)
+    if keyfile then os.remove(keyfile) end
     if req ~= request then return end
-    if code ~= 0 then -- no server: use the CLI, and don't try the server again for a while
+    local reply, status, connects = out:match("^(.*)\n(%d%d%d) (%d+)%s*$")
+    if code ~= 0 and (not connects or connects == "0") then
+      -- no server: use the CLI, and don't try the server again for a while
       server_down_until = os.time() + 30
       via_cli(req)
       return
     end
-    local reply, status = out:match("^(.*)\n(%d%d%d)%s*$")
-    if status == "200" then
+    if code == 0 and status == "200" then
       on_reply(req, reply)
-    else -- the server answered with an error (busy, bad request): say so, it is not down
-      request = nil
-      report("santa: server: " .. server_error(reply or out, status or "?"))
+      return
     end
+    -- The server is there but failed us: an error status (busy, bad request, wrong key), no reply
+    -- in time, a dropped connection. Say so; it is not down, and the CLI would load a second model.
+    local msg
+    if code == 28 then
+      msg = "no reply within " .. (seconds or "?") .. " s (timeout)"
+    elseif code ~= 0 then
+      msg = vim.trim(vim.split(err, "\n", { plain = true })[1] or ""):gsub("^curl: %(%d+%) ", "")
+      if msg == "" then msg = "curl exit status " .. code end
+    else
+      msg = server_error(reply or out, status or "?")
+      if status == "401" then msg = msg .. " (set api_key in setup() or $SANTA_API_KEY)" end
+    end
+    request = nil
+    report("santa: server: " .. msg)
   end)
 end
 
