@@ -158,3 +158,28 @@ def test_descriptions_have_no_apostrophes():
     found = [(where, text) for where, text in walk(typer.main.get_command(app), "santa")
              if "'" in text.split("\n")[0] and where != "santa"]
     assert not found
+
+
+@pytest.mark.parametrize("target", ["bash", "zsh", "fish", "vim", "neovim", "emacs"])
+def test_setup_points_at_the_installed_scripts_and_plugins(target, capsys, monkeypatch):
+    from santacli.cli import app
+
+    assert app.main(["setup", target, "--path"]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    assert path.exists()
+    wanted = {"bash": "santa.bash", "zsh": "_santa", "fish": "santa.fish", "vim": "plugin/santa.vim",
+              "neovim": "lua/santa/init.lua", "emacs": "santa.el"}[target]
+    assert (path / wanted).is_file() if path.is_dir() else path.name == wanted
+    assert app.main(["setup", target]) == 0
+    assert str(path) in capsys.readouterr().out  # the line to add names the same place
+
+
+def test_setup_bash_line_turns_completion_on(capsys):
+    if shutil.which("bash") is None:
+        pytest.skip("bash is not installed")
+    from santacli.cli import app
+
+    assert app.main(["setup", "bash"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    done = subprocess.run(["bash", "-c", f"{line} && complete -p santa"], capture_output=True, text=True)
+    assert done.returncode == 0 and "_santa_completion" in done.stdout

@@ -94,9 +94,9 @@ class CompletionFilter:
 
     Modes: ``line`` ends at the end of the line; ``block`` ends when a line returns to the
     indentation of the cursor's block (or left of it), at a run of two blank lines, or when the
-    model starts repeating the suffix; ``full`` runs until the model stops. User ``stops``
-    strings end the text in every mode, and so does a loop within a line (a short piece repeated
-    six times or more: ``repetition``). The final text drops a tail that repeats the start of
+    model starts repeating the suffix; both also end at a loop within a line (a short piece
+    repeated six times or more: ``repetition``); ``full`` runs until the model stops. User
+    ``stops`` strings end the text in every mode. The final text drops a tail that repeats the start of
     the suffix and follows the file's indentation style.
 
     ``raw`` (raw prompts from TGI/OpenAI clients) applies the stop strings alone and changes
@@ -142,7 +142,7 @@ class CompletionFilter:
             block = self._block_cut(text)
             if block is not None:
                 cuts.append(block)
-        if self.mode != "raw":
+        if self.mode in ("line", "block"):  # full and raw run until the model (or a stop string) stops
             loop = _repetition_cut(text)
             if loop is not None:
                 cuts.append((loop, "repetition"))
