@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from santacli import __version__
-from santacli.cli import complete, daemon, infill, info, models, repl, serve, setup
+from santacli.cli import complete, daemon, infill, info, lsp, models, repl, serve, setup
 from santacli.cli.output import err, state
 from santacli.errors import SantaError
 
@@ -67,7 +67,7 @@ def _with_root_flags(command: Callable[..., None]) -> Callable[..., None]:
 
 # The order here is the order of `santa --help`.
 for _command in (complete.complete, infill.infill, models.models, models.pull, info.info, serve.serve, repl.repl,
-                 setup.setup):
+                 lsp.lsp, setup.setup):
     app.command(name=_command.__name__)(_with_root_flags(_command))
 for _command in (daemon.start, daemon.stop, daemon.status, daemon.run):
     daemon.app.command(name=_command.__name__, hidden=_command is daemon.run)(_with_root_flags(_command))
