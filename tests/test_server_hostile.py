@@ -5,9 +5,11 @@ slow or piled-up connections are bounded."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -163,3 +165,31 @@ def test_connection_limit_answers_503_with_retry_after(url: str) -> None:
         except httpx.HTTPError:
             time.sleep(0.05)
     assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_the_prompt_cache_tells_no_client_about_another(url: str) -> None:
+    """Reuse counts (and so timing) come only from a client's own earlier prompts."""
+    secret = {"prefix": "API_TOKEN = 'hunter2-very-secret'\ndef connect():\n    ", "suffix": "\n", "max_tokens": 1}
+    alice, mallory = {"X-Santa-Session": "alice"}, {"X-Santa-Session": "mallory"}
+    assert httpx.post(f"{url}/infill", json=secret, headers=alice).status_code == 200
+    # Mallory guesses the start of Alice's file: nothing of hers is reused for him.
+    guess = httpx.post(f"{url}/infill", json=secret, headers=mallory).json()
+    assert guess["tokens"]["prompt_reused"] == 0
+    # Alice's own next request still finds her warm prompt.
+    again = httpx.post(f"{url}/infill", json=secret, headers=alice).json()
+    assert again["tokens"]["prompt_reused"] > 0
+
+
+def test_a_loopback_client_is_known_by_its_user() -> None:
+    from santacli.server.identity import socket_owner
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        with socket.create_connection(server.getsockname()) as client:
+            accepted, _ = server.accept()
+            with accepted:
+                owner = socket_owner(client.getsockname(), server.getsockname())
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("no /proc/net/tcp on this system")
+    assert owner == os.getuid()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Protocol
@@ -358,6 +359,9 @@ class LoadedEngine(CompletionEngine, Protocol):
     and the REPL need beyond completions."""
 
     info: LoadInfo
+
+    def prompt_scope(self, scope: str) -> AbstractContextManager[None]:
+        """Within the block, completions reuse only warm prompts of ``scope``."""
 
     def generate_text(self, text: str, options: CompletionOptions, *, include_stop: bool = False,
                       truncate: int | None = None) -> ResultStream:

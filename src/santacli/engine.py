@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import replace
 
 import torch
@@ -93,6 +94,11 @@ class Engine:
     @property
     def name(self) -> str:
         return self.info.name
+
+    def prompt_scope(self, scope: str) -> AbstractContextManager[None]:
+        """Completions run within this block reuse only warm prompts of ``scope`` (the server's
+        client identity), so no client learns anything of another's text."""
+        return self.prompt_cache.scoped(scope)
 
     def _check_ids(self, ids: list[int]) -> None:
         if not ids:

@@ -18,6 +18,7 @@ from starlette.responses import Response, StreamingResponse
 from santacli.completion import CompletionOptions, CompletionResult, LoadedEngine, Piece, ResultStream
 from santacli.daemon import ModelSpec
 from santacli.errors import SantaError, UsageError
+from santacli.server.identity import identity
 from santacli.server.wire import ApiError, error_response, field, from_exception
 from santacli.server.worker import Job, Worker
 
@@ -124,7 +125,9 @@ class ServerState:
                 self._switch_model(wanted)
                 return plain()
 
-        job = Job(open_stream, until_gone=lambda: _disconnected(request))
+        scope = identity(request)
+        job = Job(open_stream, until_gone=lambda: _disconnected(request),
+                  around=lambda: self.engine.prompt_scope(scope))
         if not self.worker.submit(job):
             raise ApiError(503, f"server is busy ({self.worker.capacity} requests in progress or "
                                 "queued); retry later", "overloaded")

@@ -9,10 +9,12 @@ client goes away (``until_gone`` returns) it cancels the stream, which stops at 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from santacli.completion import CompletionResult, Piece, ResultStream
@@ -34,13 +36,17 @@ class Job:
             errors (and tokenization) happen there and surface from :meth:`started`.
         until_gone: an awaitable that returns when the client disconnects; the job then
             cancels itself. It is watched from :meth:`started` until :meth:`close`.
+        around: a context the whole run happens in, on the model thread (the client's scope
+            of the warm prompt cache).
     """
 
     def __init__(self, open_stream: Callable[[], ResultStream],
-                 until_gone: Callable[[], Awaitable[object]] | None = None) -> None:
+                 until_gone: Callable[[], Awaitable[object]] | None = None,
+                 around: Callable[[], AbstractContextManager[object]] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         self.open_stream = open_stream
         self._until_gone = until_gone
+        self._around = around
         self._watcher: asyncio.Task[None] | None = None
         self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.cancelled = threading.Event()
@@ -55,14 +61,15 @@ class Job:
         sends that, or the error, once the request's queue slot is free)."""
         if self.cancelled.is_set():
             raise ClientGone
-        stream = self.open_stream()  # validation errors surface before "start"
-        self._stream = stream
-        if self.cancelled.is_set():
-            stream.cancel()
-        self.emit(("start", None))
-        for piece in stream.pieces():
-            self.emit(("piece", piece))
-        return stream.result
+        with self._around() if self._around is not None else contextlib.nullcontext():
+            stream = self.open_stream()  # validation errors surface before "start"
+            self._stream = stream
+            if self.cancelled.is_set():
+                stream.cancel()
+            self.emit(("start", None))
+            for piece in stream.pieces():
+                self.emit(("piece", piece))
+            return stream.result
 
     def emit(self, event: tuple[str, Any]) -> None:
         try:
