@@ -25,6 +25,7 @@ from santacli.errors import SantaError, UsageError
 from santacli.fim import Truncation
 from santacli.sampling import SamplingParams
 from santacli.settings import Settings
+from santacli.speculate import parse_speculate
 from santacli.stoprules import CompletionFilter
 
 if TYPE_CHECKING:
@@ -33,9 +34,10 @@ if TYPE_CHECKING:
 _DEFAULTS = Settings()
 
 # Why a candidate ended: the model's end of text, the token limit, a user stop string, a mode's
-# rule (see stoprules.CompletionFilter), or a cancelled request.
+# rule (see stoprules.CompletionFilter), a cancelled request, or the line end after the time
+# budget ran out (CompletionOptions.time_budget_ms).
 STOP_REASONS = ("eos", "max_tokens", "stop_sequence", "end_of_line", "end_of_block", "blank_lines",
-                "suffix_repeat", "repetition", "cancelled")
+                "suffix_repeat", "repetition", "cancelled", "time_budget")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,12 @@ class CompletionOptions:
     stop: tuple[str, ...] = ()
     filename: str | None = None  # StarCoder <filename> metadata when the model has it
     use_filename: bool = _DEFAULTS.use_filename
+    # Speculative decoding from the prompt: auto | off | N, the most drafted tokens per step.
+    # Greedy output is unchanged (see santacli.generate.draft_cap for where it runs).
+    speculate: str = _DEFAULTS.speculate
+    # Once this many ms have passed since the first token, each candidate ends at its next line
+    # end (stop reason "time_budget"), like llama.cpp's t_max_predict_ms. None: no budget.
+    time_budget_ms: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -67,6 +75,9 @@ class CompletionOptions:
         if self.mode not in fim.COMPLETION_MODES:
             raise UsageError(f"mode must be one of {', '.join(fim.COMPLETION_MODES)}, got {self.mode!r}")
         self.sampling  # noqa: B018 (validates)
+        parse_speculate(self.speculate)
+        if self.time_budget_ms is not None and self.time_budget_ms < 1:
+            raise UsageError(f"time budget must be >= 1 ms, got {self.time_budget_ms}")
 
     @property
     def sampling(self) -> SamplingParams:
@@ -97,6 +108,8 @@ class CompletionResult:
     truncation: Truncation
     model: str
     candidate_tokens: tuple[int, ...] = ()  # tokens each candidate took (when known)
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted from the prompt
+    accepted_tokens: int = 0  # ... and those the model confirmed (output unchanged either way)
 
     @property
     def stop_reason(self) -> str:
@@ -113,7 +126,8 @@ class CompletionResult:
             "fim_mode": self.fim_mode if self.fim else None,
             "model": self.model,
             "tokens": {"prompt": self.prompt_tokens, "prompt_reused": self.reused_prompt_tokens,
-                       "generated": self.generated_tokens},
+                       "generated": self.generated_tokens, "drafted": self.drafted_tokens,
+                       "accepted": self.accepted_tokens},
             "timings": {"time_to_first_token_s": round(self.time_to_first_token, 4),
                         "tokens_per_s": round(self.tokens_per_second, 2),
                         "total_s": round(self.elapsed, 4)},
@@ -242,7 +256,8 @@ class CompletionRun(ResultStream):
         reasons: list[str | None] = [None] * n
         counts = [0] * n
         first_token_at: float | None = None
-        reused = 0
+        deadline: float | None = None  # when the time budget runs out
+        reused = drafted = accepted = 0
         if self.cancelled:  # cancelled before it started: never touch the model
             reasons = ["cancelled"] * n
         else:
@@ -251,6 +266,8 @@ class CompletionRun(ResultStream):
                 for row, token, finish in source:
                     if first_token_at is None:
                         first_token_at = time.perf_counter()
+                        if opts.time_budget_ms is not None:
+                            deadline = first_token_at + opts.time_budget_ms / 1000
                     if not 0 <= row < n:
                         continue
                     if reasons[row] is None:
@@ -263,9 +280,15 @@ class CompletionRun(ResultStream):
                             raw = decoders[row].flush()
                         else:
                             raw = decoders[row].push(token)
+                        # Budget spent: the text ends at this line end (the newline is dropped;
+                        # line mode ends there anyway, as end_of_line).
+                        over = (deadline is not None and not special and "\n" in raw and self._mode != "line"
+                                and time.perf_counter() >= deadline)
+                        if over:
+                            raw = raw[:raw.index("\n")]
                         text = filters[row].feed(raw)
-                        if filters[row].stopped:
-                            reasons[row] = filters[row].stopped
+                        if filters[row].stopped or over:
+                            reasons[row] = filters[row].stopped or "time_budget"
                             source.stop_row(row)
                         yield Piece(row, None if isinstance(token, str) else token, text, special)
                     if reasons[row] is None and finish is not None:
@@ -276,6 +299,9 @@ class CompletionRun(ResultStream):
                         break
             finally:
                 reused = source.reused_prompt_tokens
+                # Optional on a TokenSource: only the local engine drafts.
+                drafted = getattr(source, "drafted_tokens", 0)
+                accepted = getattr(source, "accepted_tokens", 0)
                 source.close()
         texts = []
         for row in range(n):
@@ -298,6 +324,7 @@ class CompletionRun(ResultStream):
             generated_tokens=generated, time_to_first_token=first - started,
             tokens_per_second=(generated - 1) / (done - first) if generated > 1 and done > first else 0.0,
             elapsed=done - started, truncation=prompt.truncation, model=self._model, candidate_tokens=tuple(counts),
+            drafted_tokens=drafted, accepted_tokens=accepted,
         )
 
 

@@ -26,7 +26,7 @@ from santacli.completion import (
 )
 from santacli.config import ModelConfig
 from santacli.errors import CheckpointError, UsageError
-from santacli.generate import TokenStream
+from santacli.generate import TokenStream, describe_speculation
 from santacli.model import GPTBigCode, KVCache, select_backend
 from santacli.promptcache import PromptCache
 from santacli.quantize import check_quantization, int8_embedding, int8_linear
@@ -117,11 +117,14 @@ class Engine:
 
     def stream_ids(self, ids: list[int], *, max_new_tokens: int, sampling: SamplingParams,
                    n: int = 1, stop_ids: frozenset[int] | None = None,
-                   use_prompt_cache: bool = False) -> TokenStream:
+                   use_prompt_cache: bool = False, speculate: str = "off") -> TokenStream:
         """A KV-cached token stream for ``n`` candidates sharing one prefill.
 
         With ``use_prompt_cache`` the stream starts from the warm cache entry that shares the
         longest token prefix with ``ids``; :class:`_ModelTokens` hands it back when done.
+        ``speculate`` (``auto``, ``off`` or N) verifies prompt-lookup drafts, several tokens per
+        model step, with the same output (see :func:`santacli.generate.draft_cap`); off by
+        default here, so that token-level callers measure plain steps.
         """
         self._check_ids(ids)
         stops = self.tokenizer.sentinel_ids if stop_ids is None else stop_ids
@@ -132,20 +135,26 @@ class Engine:
             if cache is None:
                 cache = self.new_cache(batch=n, needed=needed)
         return TokenStream(self.model, ids, max_new_tokens=max_new_tokens, sampling=sampling,
-                           stop_ids=stops, valid_vocab=self.tokenizer.vocab_size, n=n, cache=cache, reuse=reuse)
+                           stop_ids=stops, valid_vocab=self.tokenizer.vocab_size, n=n, cache=cache, reuse=reuse,
+                           speculate=speculate)
 
     def generate(self, ids: list[int], max_new_tokens: int = 32, temperature: float = 0.0, *,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 stop_at_eos: bool = True) -> list[int]:
+                 stop_at_eos: bool = True, speculate: str = "off") -> list[int]:
         """New token ids after ``ids`` with KV-cached decoding (greedy when temperature is 0).
 
         Generation ends at a special token (EOS, a FIM sentinel) unless ``stop_at_eos`` is false;
-        the stop token is included in the result.
+        the stop token is included in the result. ``speculate`` as in :meth:`stream_ids`.
         """
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         stream = self.stream_ids(ids, max_new_tokens=max_new_tokens, sampling=sampling,
-                                 stop_ids=None if stop_at_eos else frozenset())
+                                 stop_ids=None if stop_at_eos else frozenset(), speculate=speculate)
         return [step[0] for step in stream if step[0] is not None]
+
+    def describe_speculation(self, speculate: str = "auto") -> str:
+        """Whether greedy completions speculate with this ``speculate`` value, and why
+        (``santa info``). Raises UsageError for an invalid value."""
+        return describe_speculation(speculate, self.model)
 
     # -- text level ---------------------------------------------------------------------------
 
@@ -248,7 +257,7 @@ class _ModelTokens:
     def __init__(self, engine: Engine, ids: list[int], opts: CompletionOptions) -> None:
         self._engine = engine
         self._stream = engine.stream_ids(ids, max_new_tokens=opts.max_tokens, sampling=opts.sampling, n=opts.n,
-                                         use_prompt_cache=True)
+                                         use_prompt_cache=True, speculate=opts.speculate)
         self._prefilled = False
 
     def __iter__(self) -> Iterator[TokenEvent]:
@@ -264,6 +273,16 @@ class _ModelTokens:
     @property
     def reused_prompt_tokens(self) -> int:
         return self._stream.reused
+
+    @property
+    def drafted_tokens(self) -> int:
+        """Tokens proposed by speculative drafting (read by the text loop for its result)."""
+        return self._stream.drafted
+
+    @property
+    def accepted_tokens(self) -> int:
+        """Drafted tokens the model confirmed and the stream yielded."""
+        return self._stream.accepted
 
     def close(self) -> None:
         # Only a finished prefill leaves the prompt's positions valid for the next request.

@@ -311,7 +311,8 @@ class GPTBigCode(nn.Module):
         self.lm_head: nn.Module = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
         self.backend = backend
-        # A one-token cached step may run elsewhere (native.NativeDecoder); set at load time.
+        # Cached decode steps may run elsewhere (native.NativeDecoder); set at load time. It takes
+        # ids (B, T) at start_pos and returns fp32 logits (B, T, vocab).
         self.decoder: Callable[[Tensor, int, KVCache], Tensor] | None = None
 
     # Typed views of the checkpoint-named submodules (ModuleDict access is untyped).
@@ -344,6 +345,17 @@ class GPTBigCode(nn.Module):
     def tie_weights(self) -> None:
         self.lm_head.weight = self.wte.weight
 
+    def step_bytes(self) -> int:
+        """Bytes of weights a decode step reads: every parameter and buffer once (tied ones
+        once), but only one row of wpe."""
+        seen: set[int] = set()
+        total = 0
+        for t in [*self.parameters(), *self.buffers()]:
+            if t.data_ptr() not in seen and t is not self.wpe.weight:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
     @property
     def backend(self) -> str:
         return self._backend
@@ -360,12 +372,16 @@ class GPTBigCode(nn.Module):
         return KVCache(self.config, batch=batch, max_len=length, dtype=self.compute_dtype, device=self.device)
 
     def forward(self, input_ids: Tensor, *, start_pos: int = 0, cache: KVCache | None = None,
-                last_only: bool = False) -> Tensor:
+                last_only: bool = False, step: bool = False) -> Tensor:
         """Logits for ``input_ids`` (B, T) placed at positions [start_pos, start_pos + T).
 
         With a cache, keys/values are written into it (rows [0, B)) and earlier positions are
-        attended; the caller advances ``cache.length``. ``last_only`` computes the vocabulary
-        projection for the final position only, as decoding needs.
+        attended; the caller advances ``cache.length`` (rolling back rejected positions is just
+        advancing it less: later steps overwrite them before anything reads them). ``last_only``
+        computes the vocabulary projection for the final position only, as decoding needs.
+        ``step`` (with a cache) marks the T tokens as one decode step, a speculative draft being
+        verified: they run like one-token steps (the native step when attached, 16-bit
+        activations kept on the CPU), not like a prompt chunk.
         """
         B, T = input_ids.shape
         end = start_pos + T
@@ -374,11 +390,12 @@ class GPTBigCode(nn.Module):
             raise ContextLengthError(
                 f"{end} tokens exceed the context length of this model ({limit} positions)"
             )
-        if T == 1 and last_only and cache is not None and self.decoder is not None:
-            return self.decoder(input_ids, start_pos, cache)
+        if cache is not None and self.decoder is not None and (step or (T == 1 and last_only)):
+            logits = self.decoder(input_ids, start_pos, cache)
+            return logits[:, -1:] if last_only else logits
         # Learned positions: a slice of wpe, so no position tensor is built per step.
         x = self.wte(input_ids) + self.wpe.weight[start_pos:end]
-        if x.dtype in _HALF and x.device.type == "cpu" and T >= UPCAST_MIN_TOKENS:
+        if x.dtype in _HALF and x.device.type == "cpu" and T >= UPCAST_MIN_TOKENS and not step:
             x = x.float()  # a prompt pass in fp32 activations (see UPCAST_MIN_TOKENS)
         for i, block in enumerate(self.blocks):
             layer_cache = (cache.k[i, :B], cache.v[i, :B]) if cache is not None else None

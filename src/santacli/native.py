@@ -7,7 +7,8 @@ folder, keyed by the source, the flags and the CPU. Where no compiler works, or 
 
 A :class:`NativeDecoder` is bound to one loaded model: it keeps fp32 copies of the small vectors
 (biases, LayerNorm parameters) and pointers to the weights PyTorch owns, and runs one decode
-step per call for every row of a KV cache.
+step per call for every row of a KV cache: one new token per row, or several (a speculative
+draft to verify), each computed bit for bit as one-token steps would compute it.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def load_library(extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL, Path]:
         raise OSError("no C compiler found; set CC")
     path = _build(cc, FLAGS + extra_flags)
     lib = ctypes.CDLL(str(path))
-    lib.santa_decode.argtypes = [ctypes.POINTER(_Model), _P, _I64, _I64, _P, _P, ctypes.c_int32]
+    lib.santa_decode.argtypes = [ctypes.POINTER(_Model), _P, _I64, _I64, _I64, _P, _P, ctypes.c_int32]
     lib.santa_decode.restype = None
     lib.santa_workspace_floats.argtypes = [ctypes.POINTER(_Model), _I64]
     lib.santa_workspace_floats.restype = _I64
@@ -174,7 +175,7 @@ def supports(model: GPTBigCode) -> str | None:
 
 
 class NativeDecoder:
-    """One decode step of ``model`` in C for every row of a KV cache."""
+    """One decode step of ``model`` in C for every row of a KV cache (one or more new tokens)."""
 
     def __init__(self, model: GPTBigCode, lib: ctypes.CDLL) -> None:
         self._lib = lib
@@ -228,21 +229,26 @@ class NativeDecoder:
                        _TYPES[weight.dtype], 0)
 
     def __call__(self, ids: Tensor, start_pos: int, cache: KVCache) -> Tensor:
-        """Logits (B, 1, vocab) fp32 for one new token per row at ``start_pos``."""
-        B = ids.shape[0]
+        """Logits (B, T, vocab) fp32 for ``ids`` (B, T): T new tokens per row at positions
+        [start_pos, start_pos + T), causal. Their keys/values go into the cache; the caller
+        advances ``cache.length`` (by fewer than T when it rejects drafted tokens)."""
+        B, T = ids.shape
         if cache.k.dtype != self._cache_dtype:
             raise TypeError(f"KV cache dtype {cache.k.dtype} does not match the model")
-        ids64 = ids.reshape(B).to(torch.int64).contiguous()
+        if cache.batch < B or start_pos + T > cache.max_len:  # C would write out of bounds
+            raise IndexError(f"{B} rows x positions [{start_pos}, {start_pos + T}) exceed the KV cache "
+                             f"({cache.batch} x {cache.max_len})")
+        ids64 = ids.reshape(B * T).to(torch.int64).contiguous()
         if int(ids64.min()) < 0 or int(ids64.max()) >= self._vocab:  # C would read out of bounds
             raise IndexError(f"token id out of range [0, {self._vocab})")
-        # A per-call copy of the descriptor and a fresh work space (~100 KB): calls from
+        # A per-call copy of the descriptor and a fresh work space (~100 KB a token): calls from
         # several threads on different caches stay independent.
         m = _Model.from_buffer_copy(self._model)
         m.k_cache, m.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
         m.cache_batch, m.cache_len = cache.batch, cache.max_len
-        work = torch.empty(self._lib.santa_workspace_floats(ctypes.byref(m), B), dtype=torch.float32)
-        logits = torch.empty((B, 1, self._vocab), dtype=torch.float32)
-        self._lib.santa_decode(ctypes.byref(m), ids64.data_ptr(), B, start_pos, logits.data_ptr(),
+        work = torch.empty(self._lib.santa_workspace_floats(ctypes.byref(m), B * T), dtype=torch.float32)
+        logits = torch.empty((B, T, self._vocab), dtype=torch.float32)
+        self._lib.santa_decode(ctypes.byref(m), ids64.data_ptr(), B, T, start_pos, logits.data_ptr(),
                                work.data_ptr(), torch.get_num_threads())
         return logits
 

@@ -1,4 +1,5 @@
-/* santacli's native CPU decode step: one token per row through the whole GPTBigCode stack.
+/* santacli's native CPU decode step: one token per row through the whole GPTBigCode stack, or
+ * T tokens per row at once to verify a speculative draft (each weight read once for all of them).
  *
  * Why it exists: a decode step is memory-bound (every weight is read once per token), and in
  * PyTorch it is also ~25 operator dispatches per layer plus Python between them; that overhead,
@@ -119,8 +120,9 @@ static inline size_t type_size(int32_t type) { return type == T_F32 ? 4 : type =
 /* The int8 and bf16 kernels stream blocks of 4 adjacent rows; while one block is read, fetch
  * the next (block_bytes further) at the same pace. Measured +25% read bandwidth for int8 rows
  * (8 KB blocks at K = 2048) and +10% for bf16 (16 KB), whose short rows give the hardware
- * prefetcher little to go on; fp32's 32 KB blocks were slower with it. */
-static inline void prefetch_next_block(const void *block, int64_t block_bytes, int64_t done_bytes, int64_t bytes) {
+ * prefetcher little to go on; fp32's 32 KB blocks were slower with it. Always inlined: GCC
+ * otherwise finds the function free of side effects and drops calls to it. */
+static inline __attribute__((always_inline)) void prefetch_next_block(const void *block, int64_t block_bytes, int64_t done_bytes, int64_t bytes) {
 #if defined(__AVX2__) || defined(__AVX512F__)
     const char *p = (const char *)block + block_bytes + done_bytes;
     for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
@@ -214,6 +216,49 @@ static inline float activate(float x, int32_t act) {
     }
 }
 
+/* tanh as a rational function (Eigen's fast tanh; |error| < 4e-7), branch-free so that loops over
+ * it vectorize: glibc's tanhf cost ~12 ns a call, 2.5 ms per token at SantaCoder's shape. */
+static inline float tanh_fast(float x) {
+    const float c = 7.90531110763549805f;  /* tanh rounds to +-1 beyond */
+    x = x > c ? c : (x < -c ? -c : x);
+    const float x2 = x * x;
+    float p = -2.76076847742355e-16f;
+    p = x2 * p + 2.00018790482477e-13f;
+    p = x2 * p + -8.60467152213735e-11f;
+    p = x2 * p + 5.12229709037114e-08f;
+    p = x2 * p + 1.48572235717979e-05f;
+    p = x2 * p + 6.37261928875436e-04f;
+    p = x2 * p + 4.89352455891786e-03f;
+    float q = 1.19825839466702e-06f;
+    q = x2 * q + 1.18534705686654e-04f;
+    q = x2 * q + 2.26843463243900e-03f;
+    q = x2 * q + 4.89352518554385e-03f;
+    return x * p / q;
+}
+
+/* y = act(y) in place for the tanh-based GELUs, B rows of N, vectorized by the compiler. (Without
+ * -ffast-math it neither contracts nor reorders these operations, so the vector lanes and the
+ * scalar remainder compute each element identically, whatever the row count.) */
+static void gelu_rows(float *y, int64_t y_stride, int64_t B, int64_t N, int32_t act, int threads) {
+    const int64_t chunk = 1024, chunks = (N + chunk - 1) / chunk;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < B * chunks; i++) {
+        float *yb = y + (i / chunks) * y_stride;
+        const int64_t n0 = (i % chunks) * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
+        if (act == A_GELU_TANH) {
+            for (int64_t n = n0; n < n1; n++) {
+                const float x = yb[n];
+                yb[n] = 0.5f * x * (1.0f + tanh_fast(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+            }
+        } else {
+            for (int64_t n = n0; n < n1; n++) {
+                const float x = yb[n];
+                yb[n] = 0.5f * x * (1.0f + tanh_fast(x * 0.7978845608f * (1.0f + 0.044715f * x * x)));
+            }
+        }
+    }
+}
+
 static void layer_norm(const float *x, const float *w, const float *b, float *out, int64_t n, float eps) {
     double mean = 0.0, var = 0.0;
     for (int64_t i = 0; i < n; i++) mean += x[i];
@@ -285,6 +330,81 @@ static inline void store_out(const Linear *L, int64_t n, float v, float *yb, int
     yb[n] = accumulate ? yb[n] + v : v;
 }
 
+/* ---------------------------------------------------------------------------------------- */
+/* Several activation rows at once (B candidates, or the T tokens of a speculative step): the
+ * kernels below take 4 weight rows x XB activation rows per pass, so each weight vector loaded
+ * (and widened) feeds XB products. Every (weight row, activation row) pair keeps its own
+ * accumulator and runs the same operations in the same order as when its activation row is
+ * alone, so results never depend on how many rows a step has. The `nb` argument is a constant
+ * at each call (see the switches): the compiler keeps the accumulators in registers.          */
+
+#if defined(__AVX512F__) || VW == 1
+#define XB 4
+#else
+#define XB 2  /* AVX2 has 16 vector registers */
+#endif
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+#define DISPATCH_NB(nb, call) switch (nb) { \
+    case 1: { enum { NB = 1 }; call; } break; \
+    case 2: { enum { NB = 2 }; call; } break; \
+    case 3: { enum { NB = 3 < XB ? 3 : XB }; call; } break; \
+    default: { enum { NB = XB }; call; } break; }
+
+#if I8_UNSIGNED_X
+/* 4 int8 weight rows (K apart) x NB offset activation rows (K apart); int32 sums are exact. */
+ALWAYS_INLINE void i8_rows(const int8_t *w0, int64_t K, const int8_t *xq, const int32_t *wsum, const int NB,
+                           int32_t s[XB][4]) {
+    __m512i acc[XB][4];
+    for (int bb = 0; bb < NB; bb++) for (int r = 0; r < 4; r++) acc[bb][r] = _mm512_setzero_si512();
+    for (int64_t i = 0; i < K; i += 64) {
+        prefetch_next_block(w0, 4 * K, 4 * i, 256);
+        __m512i wv[4];
+        for (int r = 0; r < 4; r++) {
+            wv[r] = _mm512_loadu_si512(w0 + r * K + i);
+            /* Keep the weights in registers: folded into each vpdpbusd, they are loaded NB times. */
+            if (NB > 1) __asm__("" : "+v"(wv[r]));
+        }
+        for (int bb = 0; bb < NB; bb++) {
+            const __m512i xv = _mm512_loadu_si512((const uint8_t *)xq + bb * K + i);
+            for (int r = 0; r < 4; r++) acc[bb][r] = _mm512_dpbusd_epi32(acc[bb][r], xv, wv[r]);
+        }
+    }
+    for (int bb = 0; bb < NB; bb++)
+        for (int r = 0; r < 4; r++) s[bb][r] = _mm512_reduce_add_epi32(acc[bb][r]) - 128 * wsum[r];
+}
+#define I8_ROWS_OK(K) ((K) % 64 == 0)
+#elif defined(__AVX2__)
+ALWAYS_INLINE void i8_rows(const int8_t *w0, int64_t K, const int8_t *xq, const int32_t *wsum, const int NB,
+                           int32_t s[XB][4]) {
+    (void)wsum;
+    __m256i acc[XB][4];
+    for (int bb = 0; bb < NB; bb++) for (int r = 0; r < 4; r++) acc[bb][r] = _mm256_setzero_si256();
+    for (int64_t i = 0; i < K; i += 16) {
+        __m256i wv[4];
+        for (int r = 0; r < 4; r++) wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w0 + r * K + i)));
+        for (int bb = 0; bb < NB; bb++) {
+            const __m256i xv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(xq + bb * K + i)));
+            for (int r = 0; r < 4; r++) acc[bb][r] = _mm256_add_epi32(acc[bb][r], _mm256_madd_epi16(wv[r], xv));
+        }
+    }
+    for (int bb = 0; bb < NB; bb++)
+        for (int r = 0; r < 4; r++) {
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(acc[bb][r]), _mm256_extracti128_si256(acc[bb][r], 1));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+            s[bb][r] = _mm_cvtsi128_si32(s4);
+        }
+}
+#define I8_ROWS_OK(K) ((K) % 16 == 0)
+#else
+ALWAYS_INLINE void i8_rows(const int8_t *w0, int64_t K, const int8_t *xq, const int32_t *wsum, const int NB,
+                           int32_t s[XB][4]) {
+    for (int bb = 0; bb < NB; bb++)
+        for (int r = 0; r < 4; r++) s[bb][r] = dot_i8(w0 + r * K, (const void *)(xq + bb * K), K, wsum ? wsum[r] : 0);
+}
+#define I8_ROWS_OK(K) 1
+#endif
+
 static void linear_i8(const Linear *L, const float *x, int64_t x_stride, float *y, int64_t y_stride,
                       int64_t B, int32_t act, int accumulate, int threads, int8_t *xq, float *xs) {
     const int64_t K = L->cols, N = L->rows;
@@ -298,31 +418,20 @@ static void linear_i8(const Linear *L, const float *x, int64_t x_stride, float *
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t blk = 0; blk < blocks; blk++) {
         const int64_t n0 = blk * 4, n1 = n0 + 4 < N ? n0 + 4 : N;
-        for (int64_t b = 0; b < B; b++) {
-            const void *xb = xq + b * K;
-            float *yb = y + b * y_stride;
-            int32_t s[4];
-#if I8_UNSIGNED_X
-            if (n1 - n0 == 4 && K % 64 == 0) {
-                /* Four rows at once share each activation load. */
-                const int8_t *w0 = W + n0 * K;
-                __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-                for (int64_t i = 0; i < K; i += 64) {
-                    prefetch_next_block(w0, 4 * K, 4 * i, 256);
-                    const __m512i xv = _mm512_loadu_si512((const uint8_t *)xb + i);
-                    a0 = _mm512_dpbusd_epi32(a0, xv, _mm512_loadu_si512(w0 + i));
-                    a1 = _mm512_dpbusd_epi32(a1, xv, _mm512_loadu_si512(w0 + K + i));
-                    a2 = _mm512_dpbusd_epi32(a2, xv, _mm512_loadu_si512(w0 + 2 * K + i));
-                    a3 = _mm512_dpbusd_epi32(a3, xv, _mm512_loadu_si512(w0 + 3 * K + i));
-                }
-                s[0] = _mm512_reduce_add_epi32(a0) - 128 * L->wsum[n0];
-                s[1] = _mm512_reduce_add_epi32(a1) - 128 * L->wsum[n0 + 1];
-                s[2] = _mm512_reduce_add_epi32(a2) - 128 * L->wsum[n0 + 2];
-                s[3] = _mm512_reduce_add_epi32(a3) - 128 * L->wsum[n0 + 3];
-            } else
-#endif
-            for (int64_t n = n0; n < n1; n++) s[n - n0] = dot_i8(W + n * K, xb, K, L->wsum ? L->wsum[n] : 0);
-            for (int64_t n = n0; n < n1; n++) store_out(L, n, (float)s[n - n0] * xs[b] * L->scale[n], yb, act, accumulate);
+        for (int64_t b0 = 0; b0 < B; b0 += XB) {
+            const int64_t nb = B - b0 < XB ? B - b0 : XB;
+            int32_t s[XB][4];
+            if (n1 - n0 == 4 && I8_ROWS_OK(K)) {
+                DISPATCH_NB(nb, i8_rows(W + n0 * K, K, xq + b0 * K, L->wsum ? L->wsum + n0 : NULL, NB, s))
+            } else {
+                for (int64_t bb = 0; bb < nb; bb++)
+                    for (int64_t n = n0; n < n1; n++)
+                        s[bb][n - n0] = dot_i8(W + n * K, (const void *)(xq + (b0 + bb) * K), K, L->wsum ? L->wsum[n] : 0);
+            }
+            for (int64_t bb = 0; bb < nb; bb++)
+                for (int64_t n = n0; n < n1; n++)
+                    store_out(L, n, (float)s[bb][n - n0] * xs[b0 + bb] * L->scale[n], y + (b0 + bb) * y_stride, act,
+                              accumulate);
         }
     }
 }
@@ -337,31 +446,44 @@ static void split_even_odd(const float *x, int64_t K, float *xp) {
         for (int64_t j = 0; j < 16; j++) { xp[c + j] = x[c + 2 * j]; xp[c + 16 + j] = x[c + 2 * j + 1]; }
 }
 
+/* `rows` (<= 4) bf16 weight rows x NB split activation rows (K apart). */
+ALWAYS_INLINE void bf16_rows(const uint16_t *w0, int64_t rows, int64_t K, const float *xp, const int NB,
+                             float s[XB][4]) {
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
+    __m512 acc[XB][4];
+    for (int bb = 0; bb < NB; bb++) for (int r = 0; r < 4; r++) acc[bb][r] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < K; i += 32) {
+        prefetch_next_block(w0, rows * K * 2, rows * i * 2, rows * 64);
+        for (int r = 0; r < 4; r++) {
+            if (r >= rows) break;
+            const __m512i wv = _mm512_loadu_si512(w0 + r * K + i);
+            const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
+            const __m512 hi = _mm512_castsi512_ps(_mm512_and_si512(wv, high));
+            for (int bb = 0; bb < NB; bb++) {
+                acc[bb][r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp + bb * K + i), acc[bb][r]);
+                acc[bb][r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp + bb * K + i + 16), acc[bb][r]);
+            }
+        }
+    }
+    for (int bb = 0; bb < NB; bb++)
+        for (int r = 0; r < rows; r++) s[bb][r] = _mm512_reduce_add_ps(acc[bb][r]);
+}
+
 static void linear_bf16(const Linear *L, const float *x, int64_t x_stride, float *y, int64_t y_stride,
                         int64_t B, int32_t act, int accumulate, int threads, float *xp) {
     const int64_t K = L->cols, N = L->rows;
     for (int64_t b = 0; b < B; b++) split_even_odd(x + b * x_stride, K, xp + b * K);
     const uint16_t *W = (const uint16_t *)L->weight;
-    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
     const int64_t blocks = (N + 3) / 4;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t blk = 0; blk < blocks; blk++) {
         const int64_t n0 = blk * 4, n1 = n0 + 4 < N ? n0 + 4 : N, rows = n1 - n0;
-        const uint16_t *w0 = W + n0 * K;
-        for (int64_t b = 0; b < B; b++) {
-            const float *xb = xp + b * K;
-            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-            for (int64_t i = 0; i < K; i += 32) {
-                prefetch_next_block(w0, rows * K * 2, rows * i * 2, rows * 64);
-                const __m512 xe = _mm512_loadu_ps(xb + i), xo = _mm512_loadu_ps(xb + i + 16);
-                for (int64_t r = 0; r < rows; r++) {
-                    const __m512i wv = _mm512_loadu_si512(w0 + r * K + i);
-                    acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wv, 16)), xe, acc[r]);
-                    acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(wv, high)), xo, acc[r]);
-                }
-            }
-            float *yb = y + b * y_stride;
-            for (int64_t r = 0; r < rows; r++) store_out(L, n0 + r, _mm512_reduce_add_ps(acc[r]), yb, act, accumulate);
+        for (int64_t b0 = 0; b0 < B; b0 += XB) {
+            const int64_t nb = B - b0 < XB ? B - b0 : XB;
+            float s[XB][4];
+            DISPATCH_NB(nb, bf16_rows(W + n0 * K, rows, K, xp + b0 * K, NB, s))
+            for (int64_t bb = 0; bb < nb; bb++)
+                for (int64_t r = 0; r < rows; r++) store_out(L, n0 + r, s[bb][r], y + (b0 + bb) * y_stride, act, accumulate);
         }
     }
 }
@@ -369,11 +491,40 @@ static void linear_bf16(const Linear *L, const float *x, int64_t x_stride, float
 #define HAVE_BF16_PAIRS 0
 #endif
 
+/* 4 weight rows of wtype (K apart) x NB fp32 activation rows (x_stride apart). */
+ALWAYS_INLINE void float_rows(const char *w0, int32_t wtype, int64_t K, const float *x, int64_t x_stride,
+                              const int NB, float s[XB][4]) {
+    const int64_t rb = K * (int64_t)type_size(wtype);
+    const void *w[4] = {w0, w0 + rb, w0 + 2 * rb, w0 + 3 * rb};
+    vf acc[XB][4];
+    for (int bb = 0; bb < NB; bb++) for (int r = 0; r < 4; r++) acc[bb][r] = vzero();
+    int64_t i = 0;
+    /* No software prefetch here: for fp32 rows (32 KB per block) it measured 20-25% slower
+     * than the hardware prefetcher alone. */
+    for (; i + VW <= K; i += VW) {
+        vf wv[4];
+        for (int r = 0; r < 4; r++) {
+            wv[r] = vload(w[r], wtype, i);
+#if defined(__AVX512F__) || defined(__AVX2__)
+            if (NB > 1) __asm__("" : "+v"(wv[r]));  /* as in i8_rows: load each weight once */
+#endif
+        }
+        for (int bb = 0; bb < NB; bb++) {
+            const vf xv = vload(x + bb * x_stride, T_F32, i);
+            for (int r = 0; r < 4; r++) acc[bb][r] = vfma(wv[r], xv, acc[bb][r]);
+        }
+    }
+    for (int bb = 0; bb < NB; bb++) for (int r = 0; r < 4; r++) s[bb][r] = vsum(acc[bb][r]);
+    for (; i < K; i++)
+        for (int bb = 0; bb < NB; bb++)
+            for (int r = 0; r < 4; r++) s[bb][r] += load1(w[r], wtype, i) * x[bb * x_stride + i];
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* y[b] = act(W x[b] + bias) (+ y[b] when accumulate), for B rows; x rows are x_stride apart.  */
 
-static void linear(const Linear *L, const float *x, int64_t x_stride, float *y, int64_t y_stride,
-                   int64_t B, int32_t act, int accumulate, int threads) {
+static void linear_rows(const Linear *L, const float *x, int64_t x_stride, float *y, int64_t y_stride,
+                        int64_t B, int32_t act, int accumulate, int threads) {
     const int64_t K = L->cols, N = L->rows, wsize = (int64_t)type_size(L->wtype);
     if (L->wtype == T_I8) {
         int8_t *xq = malloc((size_t)(B * K));
@@ -396,49 +547,195 @@ static void linear(const Linear *L, const float *x, int64_t x_stride, float *y, 
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t blk = 0; blk < blocks; blk++) {
         const int64_t n0 = blk * 4, n1 = n0 + 4 < N ? n0 + 4 : N;
-        for (int64_t b = 0; b < B; b++) {
-            const float *xb = x + b * x_stride;
-            float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int64_t b0 = 0; b0 < B; b0 += XB) {
+            const int64_t nb = B - b0 < XB ? B - b0 : XB;
+            float s[XB][4];
             if (n1 - n0 == 4) {
-                /* Four rows at once: x is loaded once per four rows, four independent sums. */
-                const void *w0 = W + n0 * K * wsize, *w1 = W + (n0 + 1) * K * wsize;
-                const void *w2 = W + (n0 + 2) * K * wsize, *w3 = W + (n0 + 3) * K * wsize;
-                vf a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
-                int64_t i = 0;
-                /* No software prefetch here: for fp32 rows (32 KB per block) it measured 20-25%
-                 * slower than the hardware prefetcher alone. */
-                for (; i + VW <= K; i += VW) {
-                    vf xv = vload(xb, T_F32, i);
-                    a0 = vfma(vload(w0, L->wtype, i), xv, a0);
-                    a1 = vfma(vload(w1, L->wtype, i), xv, a1);
-                    a2 = vfma(vload(w2, L->wtype, i), xv, a2);
-                    a3 = vfma(vload(w3, L->wtype, i), xv, a3);
-                }
-                s[0] = vsum(a0); s[1] = vsum(a1); s[2] = vsum(a2); s[3] = vsum(a3);
-                for (; i < K; i++) {
-                    s[0] += load1(w0, L->wtype, i) * xb[i]; s[1] += load1(w1, L->wtype, i) * xb[i];
-                    s[2] += load1(w2, L->wtype, i) * xb[i]; s[3] += load1(w3, L->wtype, i) * xb[i];
+                /* A constant weight type too, so the loop holds no type switch. */
+                const char *w0 = W + n0 * K * wsize;
+                const float *xb = x + b0 * x_stride;
+                switch (L->wtype) {
+                case T_F32: DISPATCH_NB(nb, float_rows(w0, T_F32, K, xb, x_stride, NB, s)) break;
+                case T_BF16: DISPATCH_NB(nb, float_rows(w0, T_BF16, K, xb, x_stride, NB, s)) break;
+                default: DISPATCH_NB(nb, float_rows(w0, T_F16, K, xb, x_stride, NB, s)) break;
                 }
             } else {
-                for (int64_t n = n0; n < n1; n++) s[n - n0] = dot(W + n * K * wsize, L->wtype, xb, K);
+                for (int64_t bb = 0; bb < nb; bb++)
+                    for (int64_t n = n0; n < n1; n++) s[bb][n - n0] = dot(W + n * K * wsize, L->wtype, x + (b0 + bb) * x_stride, K);
             }
-            float *yb = y + b * y_stride;
-            for (int64_t n = n0; n < n1; n++) store_out(L, n, s[n - n0], yb, act, accumulate);
+            for (int64_t bb = 0; bb < nb; bb++)
+                for (int64_t n = n0; n < n1; n++) store_out(L, n, s[bb][n - n0], y + (b0 + bb) * y_stride, act, accumulate);
         }
     }
 }
 
+/* linear_rows, with the tanh GELUs applied in a vectorized pass over the finished rows. */
+static void linear(const Linear *L, const float *x, int64_t x_stride, float *y, int64_t y_stride,
+                   int64_t B, int32_t act, int accumulate, int threads) {
+    if ((act == A_GELU_TANH || act == A_GELU_FAST) && !accumulate) {
+        linear_rows(L, x, x_stride, y, y_stride, B, A_NONE, 0, threads);
+        gelu_rows(y, y_stride, B, L->rows, act, threads);
+    } else {
+        linear_rows(L, x, x_stride, y, y_stride, B, act, accumulate, threads);
+    }
+}
+
 /* ---------------------------------------------------------------------------------------- */
-/* Attention of one new query per row over positions [0, pos] of the cache.                   */
+/* Attention of T new queries per cache row: query t of row b sits at position pos + t and     */
+/* attends positions [0, pos + t] of that row (causal). Query (b, t) runs exactly the         */
+/* arithmetic a one-token step at pos + t runs, so a T-token step equals T one-token steps.   */
+
+#if VW == 16
+#define VOP(op) _mm512_##op
+#define VCAST_PS(i) _mm512_castsi512_ps(i)
+#define VFLOOR(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)
+typedef __m512i vi;
+#elif VW == 8
+#define VOP(op) _mm256_##op
+#define VCAST_PS(i) _mm256_castsi256_ps(i)
+#define VFLOOR(x) _mm256_floor_ps(x)
+typedef __m256i vi;
+#endif
+#if VW > 1
+static inline vf vsub(vf a, vf b) { return VOP(sub_ps)(a, b); }
+
+/* exp of VW lanes (Cephes' expf: 2^n times a degree-5 polynomial of the remainder, ~1 ulp).
+ * Inputs below -87.3 give ~1e-38 instead of a denormal or 0, which no softmax sum can tell
+ * apart. Scalar expf cost ~12 ns a call: 2.3 ms per token at SantaCoder's shape and 500
+ * positions. */
+static inline vf vexp(vf x) {
+    x = VOP(min_ps)(VOP(max_ps)(x, vset(-87.3f)), vset(88.3f));
+    const vf n = VFLOOR(VOP(fmadd_ps)(x, vset(1.44269504088896341f), vset(0.5f)));
+    x = VOP(fnmadd_ps)(n, vset(0.693359375f), x);
+    x = VOP(fnmadd_ps)(n, vset(-2.12194440e-4f), x);
+    vf y = vset(1.9875691500e-4f);
+    y = VOP(fmadd_ps)(y, x, vset(1.3981999507e-3f));
+    y = VOP(fmadd_ps)(y, x, vset(8.3334519073e-3f));
+    y = VOP(fmadd_ps)(y, x, vset(4.1665795894e-2f));
+    y = VOP(fmadd_ps)(y, x, vset(1.6666665459e-1f));
+    y = VOP(fmadd_ps)(y, x, vset(5.0000001201e-1f));
+    y = VOP(add_ps)(VOP(fmadd_ps)(y, VOP(mul_ps)(x, x), x), vset(1.0f));
+    const vi e = VOP(slli_epi32)(VOP(add_epi32)(VOP(cvtps_epi32)(n), VOP(set1_epi32)(127)), 23);
+    return VOP(mul_ps)(y, VCAST_PS(e));
+}
+#endif
+
+/* Softmax of one head's scores over [0, S) in place, unnormalized; returns 1 / their sum. */
+static inline float softmax_unscaled(float *sc, int64_t S) {
+    float mx = -INFINITY;
+    for (int64_t s = 0; s < S; s++) mx = sc[s] > mx ? sc[s] : mx;
+#if VW > 1
+    int64_t s = 0;
+    for (; s + VW <= S; s += VW) vstore(sc + s, vexp(vsub(vload(sc + s, T_F32, 0), vset(mx))));
+    if (s < S) {  /* the tail through the same vector code, so no element depends on S % VW */
+        float tmp[VW] = {0};
+        for (int64_t j = s; j < S; j++) tmp[j - s] = sc[j];
+        vstore(tmp, vexp(vsub(vload(tmp, T_F32, 0), vset(mx))));
+        for (int64_t j = s; j < S; j++) sc[j] = tmp[j - s];
+    }
+    float total = 0.0f;
+    for (s = 0; s < S; s++) total += sc[s];
+#else
+    float total = 0.0f;
+    for (int64_t s = 0; s < S; s++) { sc[s] = expf(sc[s] - mx); total += sc[s]; }
+#endif
+    return 1.0f / total;
+}
+
+/* o[0:hd] = sum over s < S of sc[s] * V[s] for one head (the reference order: s ascending). */
+static inline void weigh_values(const char *V, int32_t ct, size_t cs, int64_t hd, const float *sc, int64_t S, float *o) {
+    int64_t d = 0;
+    for (; d + VW <= hd; d += VW) {
+        vf acc = vzero();
+        for (int64_t s = 0; s < S; s++) acc = vfma(vset(sc[s]), vload(V + s * hd * cs, ct, d), acc);
+        vstore(o + d, acc);
+    }
+    for (; d < hd; d++) {
+        float acc = 0.0f;
+        for (int64_t s = 0; s < S; s++) acc += sc[s] * load1(V + s * hd * cs, ct, d);
+        o[d] = acc;
+    }
+}
+
+/* The same for 8 heads at once: each value vector is loaded (and widened) once for all 8, and
+ * every output element still accumulates s ascending, exactly as weigh_values does. */
+static inline void weigh_values8(const char *V, int32_t ct, size_t cs, int64_t hd, const float *const sc[8], int64_t S,
+                                 float *const o[8]) {
+    int64_t d = 0;
+    for (; d + VW <= hd; d += VW) {
+        vf acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = vzero();
+        for (int64_t s = 0; s < S; s++) {
+            const vf v = vload(V + s * hd * cs, ct, d);
+            for (int j = 0; j < 8; j++) acc[j] = vfma(vset(sc[j][s]), v, acc[j]);
+        }
+        for (int j = 0; j < 8; j++) vstore(o[j] + d, acc[j]);
+    }
+    for (; d < hd; d++)
+        for (int j = 0; j < 8; j++) {
+            float acc = 0.0f;
+            for (int64_t s = 0; s < S; s++) acc += sc[j][s] * load1(V + s * hd * cs, ct, d);
+            o[j][d] = acc;
+        }
+}
+
+#if VW == 16
+/* Scores of up to 16 consecutive keys (n of them, keys K[j], hd = 16 * C apart) for one query
+ * head: q stays in registers and the 16 dot products are summed across lanes together by a
+ * transpose tree, where a dot product per key paid a full horizontal sum each (2-3x slower).
+ * Missing keys (j >= n) are never read; every key's arithmetic is the same whatever n is. */
+ALWAYS_INLINE void scores16(const char *K, const int32_t ct, const int64_t C, const float *q, int64_t n,
+                            float scale, float *out) {
+    const size_t row = (size_t)(16 * C) * type_size(ct);
+    __m512 qv[8], acc[16];
+    for (int64_t c = 0; c < C; c++) qv[c] = _mm512_loadu_ps(q + 16 * c);
+    for (int j = 0; j < 16; j++) {
+        acc[j] = _mm512_setzero_ps();
+        if (j < n)
+            for (int64_t c = 0; c < C; c++) acc[j] = _mm512_fmadd_ps(qv[c], vload(K + j * row, ct, 16 * c), acc[j]);
+    }
+    __m512 t[8], u[4];
+    for (int i = 0; i < 8; i++)  /* per 128-bit lane: a0+a2, b0+b2, a1+a3, b1+b3 */
+        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(acc[2 * i], acc[2 * i + 1]), _mm512_unpackhi_ps(acc[2 * i], acc[2 * i + 1]));
+    for (int i = 0; i < 4; i++)  /* per 128-bit lane: the lane's sums of keys 4i .. 4i+3 */
+        u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44), _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+    const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+    const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+    const __m512 r = _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+    _mm512_mask_storeu_ps(out, (__mmask16)((1u << n) - 1u), _mm512_mul_ps(r, _mm512_set1_ps(scale)));
+}
+
+/* scores16 with the cache type and head size as constants (hd = 16, 32, 64 or 128). */
+static void scores16_any(const char *K, int32_t ct, int64_t hd, const float *q, int64_t n, float scale, float *out) {
+#define SCORES_C(C_) switch (ct) { \
+    case T_F32: scores16(K, T_F32, C_, q, n, scale, out); break; \
+    case T_BF16: scores16(K, T_BF16, C_, q, n, scale, out); break; \
+    default: scores16(K, T_F16, C_, q, n, scale, out); break; }
+    switch (hd) {
+    case 16: SCORES_C(1) break;
+    case 32: SCORES_C(2) break;
+    case 64: SCORES_C(4) break;
+    default: SCORES_C(8) break;
+    }
+#undef SCORES_C
+}
+#define FAST_SCORES(hd) ((hd) == 16 || (hd) == 32 || (hd) == 64 || (hd) == 128)
+#else
+#define FAST_SCORES(hd) 0
+static void scores16_any(const char *K, int32_t ct, int64_t hd, const float *q, int64_t n, float scale, float *out) {
+    (void)K; (void)ct; (void)hd; (void)q; (void)n; (void)scale; (void)out;
+}
+#endif
 
 static void attention(const Model *m, int64_t layer, const float *qkv, int64_t qkv_stride, float *out,
-                      float *scores, int64_t B, int64_t pos, int threads) {
-    const int64_t nh = m->n_head, kvh = m->kv_heads, hd = m->head_dim, g = nh / kvh, S = pos + 1;
+                      float *scores, int64_t B, int64_t T, int64_t pos, int threads) {
+    const int64_t nh = m->n_head, kvh = m->kv_heads, hd = m->head_dim, g = nh / kvh;
     const int32_t ct = m->cache_type;
     const size_t cs = type_size(ct);
     const int64_t head_stride = m->cache_len * hd;  /* elements between kv heads */
     /* Work items: (row, kv head, slice of its query heads). MQA has one kv head, so its g query
-     * heads are split between threads; each slice reads every cached key/value once. */
+     * heads are split between threads; a slice reads each cached key and value once per new
+     * token for all its heads. */
     const int64_t per_slice = g >= threads ? (g + threads - 1) / threads : 1;
     const int64_t slices = (g + per_slice - 1) / per_slice;
     #pragma omp parallel for schedule(static) num_threads(threads) collapse(2)
@@ -448,33 +745,46 @@ static void attention(const Model *m, int64_t layer, const float *qkv, int64_t q
             const int64_t h0 = kv * g + sl * per_slice, h1 = h0 + per_slice < (kv + 1) * g ? h0 + per_slice : (kv + 1) * g;
             const int64_t base = ((layer * m->cache_batch + b) * kvh + kv) * head_stride;
             const char *K = (const char *)m->k_cache + base * cs, *V = (const char *)m->v_cache + base * cs;
-            const float *qrow = qkv + b * qkv_stride;
-            for (int64_t h = h0; h < h1; h++) {
-                /* MQA columns: [q (nh*hd) | k | v]; MHA: per head (q, k, v). */
-                const float *q = m->multi_query ? qrow + h * hd : qrow + h * 3 * hd;
-                float *sc = scores + (b * nh + h) * m->cache_len;
-                float mx = -INFINITY;
-                for (int64_t s = 0; s < S; s++) {
-                    float v = dot(K + s * hd * cs, ct, q, hd) * m->attn_scale;
-                    sc[s] = v;
-                    mx = v > mx ? v : mx;
+            /* Scores: each block of cached keys is read once for every new token and head. */
+            const int64_t blk = FAST_SCORES(hd) ? 16 : 1;
+            for (int64_t s0 = 0; s0 < pos + T; s0 += blk) {
+                for (int64_t t = s0 > pos ? s0 - pos : 0; t < T; t++) {
+                    const int64_t r = b * T + t, S = pos + t + 1, n = S - s0 < blk ? S - s0 : blk;
+                    const float *qrow = qkv + r * qkv_stride;
+                    float *sc_r = scores + r * nh * m->cache_len;
+                    for (int64_t h = h0; h < h1; h++) {
+                        /* MQA columns: [q (nh*hd) | k | v]; MHA: per head (q, k, v). */
+                        const float *q = m->multi_query ? qrow + h * hd : qrow + h * 3 * hd;
+                        if (FAST_SCORES(hd))
+                            scores16_any(K + s0 * hd * cs, ct, hd, q, n, m->attn_scale, sc_r + h * m->cache_len + s0);
+                        else
+                            sc_r[h * m->cache_len + s0] = dot(K + s0 * hd * cs, ct, q, hd) * m->attn_scale;
+                    }
                 }
-                float total = 0.0f;
-                for (int64_t s = 0; s < S; s++) { sc[s] = expf(sc[s] - mx); total += sc[s]; }
-                const float inv = 1.0f / total;
-                float *o = out + b * m->n_embd + h * hd;
-                int64_t d = 0;
-                for (; d + VW <= hd; d += VW) {
-                    vf acc = vzero();
-                    for (int64_t s = 0; s < S; s++) acc = vfma(vset(sc[s]), vload(V + s * hd * cs, ct, d), acc);
-                    vstore(o + d, acc);
+            }
+            for (int64_t t = 0; t < T; t++) {
+                const int64_t r = b * T + t, S = pos + t + 1;
+                float *sc_r = scores + r * nh * m->cache_len;
+                float *o_r = out + r * m->n_embd;
+                int64_t h = h0;
+                for (; h + 8 <= h1; h += 8) {
+                    float inv[8];
+                    const float *sc[8];
+                    float *o[8];
+                    for (int j = 0; j < 8; j++) {
+                        inv[j] = softmax_unscaled(sc_r + (h + j) * m->cache_len, S);
+                        sc[j] = sc_r + (h + j) * m->cache_len;
+                        o[j] = o_r + (h + j) * hd;
+                    }
+                    weigh_values8(V, ct, cs, hd, sc, S, o);
+                    for (int j = 0; j < 8; j++) for (int64_t d = 0; d < hd; d++) o[j][d] *= inv[j];
                 }
-                for (; d < hd; d++) {
-                    float acc = 0.0f;
-                    for (int64_t s = 0; s < S; s++) acc += sc[s] * load1(V + s * hd * cs, ct, d);
-                    o[d] = acc;
+                for (; h < h1; h++) {
+                    const float inv = softmax_unscaled(sc_r + h * m->cache_len, S);
+                    float *o = o_r + h * hd;
+                    weigh_values(V, ct, cs, hd, sc_r + h * m->cache_len, S, o);
+                    for (int64_t d = 0; d < hd; d++) o[d] *= inv;
                 }
-                for (d = 0; d < hd; d++) o[d] *= inv;
             }
         }
     }
@@ -496,37 +806,43 @@ static void store_kv(const Model *m, int64_t layer, const float *qkv_row, int64_
 
 /* ---------------------------------------------------------------------------------------- */
 
-/* fp32 work space santa_decode needs for B rows. */
-int64_t santa_workspace_floats(const Model *m, int64_t B) {
+/* fp32 work space santa_decode needs for `rows` = B * T new tokens. */
+int64_t santa_workspace_floats(const Model *m, int64_t rows) {
     const int64_t qkv = m->multi_query ? m->n_embd + 2 * m->head_dim : 3 * m->n_embd;
-    return B * (3 * m->n_embd + qkv + m->inner + m->n_head * m->cache_len);
+    return rows * (3 * m->n_embd + qkv + m->inner + m->n_head * m->cache_len);
 }
 
-/* One decode step: token ids[b] at position pos for rows b < B; logits (B, vocab) fp32. */
-void santa_decode(const Model *m, const int64_t *ids, int64_t B, int64_t pos, float *logits, float *work,
-                  int32_t threads) {
-    const int64_t d = m->n_embd, qkv_n = m->layers[0].c_attn.rows, inner = m->inner;
-    float *x = work, *h = x + B * d, *att = h + B * d, *qkv = att + B * d, *mlp = qkv + B * qkv_n;
-    float *scores = mlp + B * inner;
+/* One decode step of T new tokens for each cache row b < B: token ids[b * T + t] at position
+ * pos + t; logits (B * T, vocab) fp32. T = 1 is plain decoding; T > 1 verifies drafted tokens
+ * (speculative decoding) reading each weight once for all B * T tokens. Every token is computed
+ * with the same arithmetic, in the same order, whatever B and T: its logits and the keys and
+ * values it writes are bit for bit those of one-token steps, so verified output equals plain
+ * greedy output exactly. */
+void santa_decode(const Model *m, const int64_t *ids, int64_t B, int64_t T, int64_t pos, float *logits,
+                  float *work, int32_t threads) {
+    const int64_t d = m->n_embd, qkv_n = m->layers[0].c_attn.rows, inner = m->inner, R = B * T;
+    float *x = work, *h = x + R * d, *att = h + R * d, *qkv = att + R * d, *mlp = qkv + R * qkv_n;
+    float *scores = mlp + R * inner;
     const size_t ts = type_size(m->wte_type), ps = type_size(m->wpe_type);
-    for (int64_t b = 0; b < B; b++) {
-        const char *tok = (const char *)m->wte + ids[b] * d * ts, *p = (const char *)m->wpe + pos * d * ps;
-        const float s = m->wte_scale ? m->wte_scale[ids[b]] : 1.0f;  /* x * 1.0f is exact */
-        for (int64_t i = 0; i < d; i++) x[b * d + i] = load1(tok, m->wte_type, i) * s + load1(p, m->wpe_type, i);
+    for (int64_t r = 0; r < R; r++) {
+        const char *tok = (const char *)m->wte + ids[r] * d * ts, *p = (const char *)m->wpe + (pos + r % T) * d * ps;
+        const float s = m->wte_scale ? m->wte_scale[ids[r]] : 1.0f;  /* x * 1.0f is exact */
+        for (int64_t i = 0; i < d; i++) x[r * d + i] = load1(tok, m->wte_type, i) * s + load1(p, m->wpe_type, i);
     }
     for (int64_t l = 0; l < m->n_layer; l++) {
         const Layer *L = &m->layers[l];
-        for (int64_t b = 0; b < B; b++) layer_norm(x + b * d, L->ln_1_w, L->ln_1_b, h + b * d, d, m->eps);
-        linear(&L->c_attn, h, d, qkv, qkv_n, B, A_NONE, 0, threads);
-        for (int64_t b = 0; b < B; b++) store_kv(m, l, qkv + b * qkv_n, b, pos);
-        attention(m, l, qkv, qkv_n, att, scores, B, pos, threads);
-        linear(&L->attn_proj, att, d, x, d, B, A_NONE, 1, threads);
-        for (int64_t b = 0; b < B; b++) layer_norm(x + b * d, L->ln_2_w, L->ln_2_b, h + b * d, d, m->eps);
-        linear(&L->c_fc, h, d, mlp, inner, B, m->activation, 0, threads);
-        linear(&L->mlp_proj, mlp, inner, x, d, B, A_NONE, 1, threads);
+        for (int64_t r = 0; r < R; r++) layer_norm(x + r * d, L->ln_1_w, L->ln_1_b, h + r * d, d, m->eps);
+        linear(&L->c_attn, h, d, qkv, qkv_n, R, A_NONE, 0, threads);
+        /* Every new key/value is in the cache before any query reads it. */
+        for (int64_t r = 0; r < R; r++) store_kv(m, l, qkv + r * qkv_n, r / T, pos + r % T);
+        attention(m, l, qkv, qkv_n, att, scores, B, T, pos, threads);
+        linear(&L->attn_proj, att, d, x, d, R, A_NONE, 1, threads);
+        for (int64_t r = 0; r < R; r++) layer_norm(x + r * d, L->ln_2_w, L->ln_2_b, h + r * d, d, m->eps);
+        linear(&L->c_fc, h, d, mlp, inner, R, m->activation, 0, threads);
+        linear(&L->mlp_proj, mlp, inner, x, d, R, A_NONE, 1, threads);
     }
-    for (int64_t b = 0; b < B; b++) layer_norm(x + b * d, m->ln_f_w, m->ln_f_b, h + b * d, d, m->eps);
-    linear(&m->lm_head, h, d, logits, m->vocab, B, A_NONE, 0, threads);
+    for (int64_t r = 0; r < R; r++) layer_norm(x + r * d, m->ln_f_w, m->ln_f_b, h + r * d, d, m->eps);
+    linear(&m->lm_head, h, d, logits, m->vocab, R, A_NONE, 0, threads);
 }
 
 /* The SIMD width this build uses (16: AVX-512, 8: AVX2, 1: plain C), for `santa info`. */
