@@ -315,3 +315,18 @@ def test_ctrl_c_exits_130_and_leaves_file(tiny_checkpoint, tmp_path):
     assert proc.returncode == 130, err
     assert b"Traceback" not in err and err.strip().endswith(b"interrupted")
     assert target.read_bytes() == before
+
+
+def test_non_finite_weights_are_a_broken_checkpoint(tmp_path, capsys, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from checkpoints import write_checkpoint
+
+    bad = write_checkpoint(tmp_path / "nan")
+    state = load_file(bad / "model.safetensors")
+    state["transformer.h.0.mlp.c_fc.weight"][0, 0] = float("nan")
+    save_file(state, bad / "model.safetensors")
+    for extra in ([], ["--temperature", "0.7"]):  # greedy used to return nothing, silently
+        code, out, err = run(["infill", "--model", str(bad), "--max-tokens", "4", *extra], capsys, monkeypatch,
+                             stdin=b"def f(x):\n    return <CURSOR>\n")
+        assert code == 4 and out == "" and "NaN or infinite" in err and "Traceback" not in err

@@ -25,12 +25,14 @@ from santacli.completion import (
     raw_prompt,
 )
 from santacli.config import ModelConfig
+from santacli.cores import CoreMeter
 from santacli.errors import CheckpointError, UsageError
-from santacli.generate import TokenStream, describe_speculation
+from santacli.generate import AUTO_MIN_STEP_BYTES, TokenStream, describe_speculation
 from santacli.model import GPTBigCode, KVCache, select_backend
 from santacli.promptcache import PromptCache
 from santacli.quantize import check_quantization, int8_embedding, int8_linear
 from santacli.sampling import SamplingParams
+from santacli.speculate import parse_speculate
 from santacli.tokenizer import Tokenizer
 
 
@@ -43,6 +45,11 @@ class Engine:
         self.info = info
         self.config: ModelConfig = model.config
         self.prompt_cache = PromptCache()
+        # Decoding threads: None counts the cores other processes leave free before each
+        # completion (at most torch's own count), so a busy core never stalls every step.
+        self.threads: int | None = None
+        self._max_threads = torch.get_num_threads()
+        self._cores = CoreMeter()
 
     @classmethod
     def load(cls, model: str, *, device: str | None = None, dtype: str | None = None,
@@ -94,6 +101,12 @@ class Engine:
     @property
     def name(self) -> str:
         return self.info.name
+
+    def decode_threads(self) -> int:
+        """How many threads the next completion decodes with (see :attr:`threads`)."""
+        if self.threads is not None:
+            return max(1, self.threads)
+        return max(1, min(self._max_threads, self._cores.free()))
 
     def prompt_scope(self, scope: str) -> AbstractContextManager[None]:
         """Completions run within this block reuse only warm prompts of ``scope`` (the server's
@@ -212,7 +225,7 @@ class Engine:
 
 
 def describe_model(model: str, *, device: str | None = None, dtype: str | None = None,
-                   attention: str = "auto") -> dict[str, str]:
+                   attention: str = "auto", quantize: str | None = None, speculate: str = "auto") -> dict[str, str]:
     """Facts about a model without loading its weights (``santa info``)."""
     folder = hub.resolve_model(model, allow_download=False)
     config = ModelConfig.from_file(folder / "config.json")
@@ -243,7 +256,27 @@ def describe_model(model: str, *, device: str | None = None, dtype: str | None =
         "dtype": str(torch_dtype).removeprefix("torch."),
         "attention": select_backend(attention, dev, torch_dtype),
         "decode": native.describe(dev),
+        "speculation": _describe_speculation(speculate, config, dev, torch_dtype, quantize),
     }
+
+
+def _describe_speculation(speculate: str, config: ModelConfig, dev: torch.device, dtype: torch.dtype,
+                          quantize: str | None) -> str:
+    """What ``speculate`` would do for greedy completions, from the config alone (see
+    :func:`santacli.generate.draft_cap`, which decides with the loaded model)."""
+    requested = parse_speculate(speculate)
+    if requested == 0:
+        return "off"
+    if requested is not None:
+        return f"on for greedy single-candidate completions: prompt-lookup drafts of up to {requested} tokens"
+    per_param = 1 if quantize == "int8" else torch.finfo(dtype).bits // 8
+    step = config.num_parameters * per_param
+    if dev.type != "cpu" or not native.status().available:
+        return "off (auto: only the native CPU step verifies drafts bit-exactly; ask with a number)"
+    if step < AUTO_MIN_STEP_BYTES:
+        return (f"off (auto: {step / 2**20:.0f} MiB of weights per step fit the CPU caches, so drafts would "
+                "not pay; ask with a number)")
+    return f"on for greedy single-candidate completions (auto: {step / 2**20:.0f} MiB of weights per step)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,6 +289,8 @@ class _ModelTokens:
 
     def __init__(self, engine: Engine, ids: list[int], opts: CompletionOptions) -> None:
         self._engine = engine
+        if engine.device.type == "cpu":
+            torch.set_num_threads(engine.decode_threads())
         self._stream = engine.stream_ids(ids, max_new_tokens=opts.max_tokens, sampling=opts.sampling, n=opts.n,
                                          use_prompt_cache=True, speculate=opts.speculate)
         self._prefilled = False

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from santacli.errors import ContextLengthError, UsageError
+from santacli.errors import CheckpointError, ContextLengthError, UsageError
 from santacli.model import GPTBigCode, KVCache
 from santacli.sampling import SamplingParams
 from santacli.speculate import PromptLookup, parse_speculate
@@ -44,6 +44,14 @@ AUTO_MAX_DRAFT = 8
 # santa-tiny (5-40 MB, in the CPU caches) computes k tokens in nearly k times one token's time,
 # and measured 0.89-1.06x with speculation; SantaCoder (1.1-4.5 GB) is far past this.
 AUTO_MIN_STEP_BYTES = 128 * 2**20
+
+
+def _check_finite(logits: Tensor) -> None:
+    """A NaN or infinity in the logits means broken weights (or a dtype that overflows): say so
+    rather than let greedy decoding pick token 0 forever or sampling fail obscurely."""
+    if not bool(torch.isfinite(logits).all()):
+        raise CheckpointError("the model computed NaN or infinite values: its weights are broken (or overflow "
+                              "this dtype; try --dtype float32)")
 
 
 def draft_cap(speculate: str, model: GPTBigCode, sampling: SamplingParams, n: int) -> int:
@@ -159,6 +167,7 @@ class TokenStream:
 
     def _pick(self, logits: Tensor) -> list[int]:
         logits = logits[:, -1].float()
+        _check_finite(logits)
         if self.valid_vocab is not None:
             logits[:, self.valid_vocab:] = float("-inf")  # padding rows of the embedding
         return sample(logits, self.sampling, self._generator).tolist()
@@ -167,6 +176,7 @@ class TokenStream:
         """Row 0's greedy pick at every position of ``logits`` (1, T, V): the same argmax
         over the same values as :meth:`_pick` takes one position at a time."""
         scores = logits[0].float()
+        _check_finite(scores)
         if self.valid_vocab is not None:
             scores[:, self.valid_vocab:] = float("-inf")
         ids: list[int] = scores.argmax(dim=-1).tolist()

@@ -362,6 +362,7 @@ class RemoteEngine:
             "prefix": prefix, "suffix": suffix, "mode": mode, "fim_mode": opts.fim_mode,
             "max_tokens": opts.max_tokens, "temperature": opts.temperature, "top_p": opts.top_p,
             "top_k": opts.top_k, "seed": opts.seed, "n": opts.n, "stop": list(opts.stop), "stream": True,
+            "speculate": opts.speculate, "time_budget_ms": opts.time_budget_ms,
         }
         if opts.metadata_filename:
             body["path"] = opts.metadata_filename

@@ -32,7 +32,7 @@ OPENAI_DEFAULT_MAX_TOKENS = 16  # the OpenAI API's own default
 
 def finish_reason(stop_reason: str) -> str:
     """santa's stop reason in OpenAI's words."""
-    return "length" if stop_reason == "max_tokens" else "stop"
+    return "length" if stop_reason in ("max_tokens", "time_budget") else "stop"
 
 
 async def models(state: ServerState, request: Request) -> Response:

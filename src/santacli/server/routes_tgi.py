@@ -18,7 +18,7 @@ from santacli.server.wire import MAX_SEED, ApiError, field, reject_unsupported, 
 from santacli.server.worker import Job
 
 TGI_DEFAULT_MAX_NEW_TOKENS = 100
-_FINISH = {"eos": "eos_token", "max_tokens": "length"}  # stop_sequence and cancelled keep their names
+_FINISH = {"eos": "eos_token", "max_tokens": "length", "time_budget": "length"}  # others keep their names
 
 
 def _request(state: ServerState, body: dict[str, Any]) -> tuple[str, dict[str, Any], CompletionOptions, int | None]:
