@@ -21,6 +21,9 @@ ALLOWED = {
     "files": {"errors"},
     "daemon": {"errors"},
     "cores": set(),
+    "bm25": set(),
+    "repoindex": {"bm25", "errors", "files"},
+    "context": {"bm25", "errors", "files", "fim", "repoindex"},
     "tokenizer": {"errors"},
     "fim": {"errors", "tokenizer"},
     "stoprules": {"errors"},
@@ -41,7 +44,8 @@ ALLOWED = {
 }
 # What front ends may use of the core: the completion interface (engines are reached through
 # it; cli constructs them), settings and the ground floor. Never model, generate or fim internals.
-FRONT_END_CORE = {"completion", "settings", "catalog", "errors", "files", "engine", "remote", "hub", "fim", "daemon"}
+FRONT_END_CORE = {"completion", "settings", "catalog", "errors", "files", "engine", "remote", "hub", "fim", "daemon",
+                  "context"}
 ENGINE_BUILDERS = {"cli", "lsp"}  # only these construct engines; the others get one handed in
 FIM_FOR_FRONT_ENDS = {"parse_cursor_spec", "split_at_position", "split_at_marker", "COMPLETION_MODES", "FIM_MODES"}
 # Which front ends may import which other front ends (cli starts the others).
@@ -158,7 +162,8 @@ def test_names_come_from_where_they_are_defined(path):
 
 # Modules a client of a server needs: they must not pull in torch (seconds of start-up).
 TORCH_FREE = ["santacli.remote", "santacli.completion", "santacli.hub", "santacli.fim", "santacli.settings",
-              "santacli.stoprules", "santacli.files", "santacli.daemon", "santacli.cli.app"]
+              "santacli.stoprules", "santacli.files", "santacli.daemon", "santacli.cli.app",
+              "santacli.context"]
 
 
 def test_server_clients_start_without_torch():

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from santacli import fim
 from santacli.errors import SantaError, UsageError
-from santacli.fim import Truncation
+from santacli.fim import Snippet, Truncation, UsedSnippet
 from santacli.sampling import SamplingParams
 from santacli.settings import Settings
 from santacli.speculate import parse_speculate
@@ -64,6 +64,10 @@ class CompletionOptions:
     # Once this many ms have passed since the first token, each candidate ends at its next line
     # end (stop reason "time_budget"), like llama.cpp's t_max_predict_ms. None: no budget.
     time_budget_ms: int | None = None
+    # Snippets of other files, ranked (see santacli.context), laid out before the file's text in
+    # the room its text leaves, at most context_tokens of it (see fim.build_prompt).
+    context: tuple[Snippet, ...] = ()
+    context_tokens: int = _DEFAULTS.context_tokens
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -78,6 +82,8 @@ class CompletionOptions:
         parse_speculate(self.speculate)
         if self.time_budget_ms is not None and self.time_budget_ms < 1:
             raise UsageError(f"time budget must be >= 1 ms, got {self.time_budget_ms}")
+        if self.context_tokens < 0:
+            raise UsageError(f"context tokens must be >= 0, got {self.context_tokens}")
 
     @property
     def sampling(self) -> SamplingParams:
@@ -110,6 +116,7 @@ class CompletionResult:
     candidate_tokens: tuple[int, ...] = ()  # tokens each candidate took (when known)
     drafted_tokens: int = 0  # speculative decoding: tokens drafted from the prompt
     accepted_tokens: int = 0  # ... and those the model confirmed (output unchanged either way)
+    context: tuple[UsedSnippet, ...] = ()  # the snippets of other files the prompt held
 
     @property
     def stop_reason(self) -> str:
@@ -135,6 +142,8 @@ class CompletionResult:
                           "prefix_lines": self.truncation.prefix_lines,
                           "suffix_chars": self.truncation.suffix_chars,
                           "suffix_lines": self.truncation.suffix_lines},
+            "context": [{"path": s.path, "start_line": s.start_line, "end_line": s.end_line, "tokens": s.tokens}
+                        for s in self.context],
         }
 
 
@@ -324,7 +333,7 @@ class CompletionRun(ResultStream):
             generated_tokens=generated, time_to_first_token=first - started,
             tokens_per_second=(generated - 1) / (done - first) if generated > 1 and done > first else 0.0,
             elapsed=done - started, truncation=prompt.truncation, model=self._model, candidate_tokens=tuple(counts),
-            drafted_tokens=drafted, accepted_tokens=accepted,
+            drafted_tokens=drafted, accepted_tokens=accepted, context=prompt.context,
         )
 
 
@@ -337,6 +346,7 @@ def layout_prompt(tokenizer: Tokenizer, n_positions: int, prefix: str, suffix: s
         tokenizer.encode, prefix=prefix, suffix=suffix, fim=tokenizer.fim, fim_mode=options.fim_mode,
         n_positions=n_positions, max_tokens=options.max_tokens,
         filename_id=tokenizer.filename_id if name else None, filename=name,
+        context=options.context, context_tokens=options.context_tokens,
     )
 
 

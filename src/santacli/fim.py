@@ -1,6 +1,8 @@
 """Fill-in-the-middle as plain text: cursors, completion modes, prompt layout and token
-budgets. No torch; the tokenizer is only used through its ``encode``. Where a completion ends
-and how its text is cleaned up is :mod:`santacli.stoprules`.
+budgets, including the cross-file context block (snippets of other files as comments before the
+file's own text, in the room the cursor's text leaves). No torch; the tokenizer is only used
+through its ``encode``. Where a completion ends and how its text is cleaned up is
+:mod:`santacli.stoprules`; which snippets are worth showing is :mod:`santacli.context`.
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import bisect
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -122,7 +124,8 @@ def _keep(encode: Encode, text: str, budget: int, *, end: bool) -> str:
     if len(text) > window:  # what lies beyond cannot fit; cut it before tokenizing anything
         offset = len(text) - window if end else 0
         return _keep(encode, text[offset:offset + window], budget, end=end)
-    fits = (lambda cut: len(encode(text[cut:])) <= budget) if end else (lambda cut: len(encode(text[:cut])) <= budget)
+    fits: Callable[[int], bool] = ((lambda cut: len(encode(text[cut:])) <= budget) if end
+                                   else (lambda cut: len(encode(text[:cut])) <= budget))
     if fits(0 if end else len(text)):
         return text
     if end:
@@ -166,6 +169,81 @@ def fit_to_budget(encode: Encode, prefix: str, suffix: str, budget: int) -> tupl
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Cross-file context (DESIGN.md §3): snippets of other files, as comments in the target file's
+# language, each headed by its path, before the file's own text.
+
+
+@dataclass(frozen=True)
+class Snippet:
+    """A piece of another file offered to the prompt.
+
+    ``rank`` orders the offers (0 first) when not all fit; the chosen ones are laid out in the
+    order they were given, which the caller keeps stable (so that across keystrokes the block
+    stays a cacheable start of the prompt). ``comment`` is the target file's comment syntax:
+    a line marker (``("#", "")``) or a pair that wraps each line (``("<!--", "-->")``).
+    """
+
+    path: str
+    start_line: int  # 1-based, inclusive
+    end_line: int
+    text: str  # the code as it is in the file
+    comment: tuple[str, str] = ("#", "")
+    rank: int = 0
+
+
+@dataclass(frozen=True)
+class UsedSnippet:
+    """A snippet that made it into the prompt, as ``--json`` reports it."""
+
+    path: str
+    start_line: int
+    end_line: int
+    tokens: int
+
+
+def render_snippet(snippet: Snippet) -> str:
+    """``snippet`` as comment lines headed by its path (the layout Tabby uses for these models);
+    ends with a newline."""
+    opener, closer = snippet.comment
+    lines = [f"Path: {snippet.path}", *snippet.text.rstrip("\n").split("\n")]
+    out = []
+    for line in lines:
+        body = f"{opener} {line.rstrip()}".rstrip() if line.strip() else opener
+        out.append(f"{body} {closer}\n" if closer else body + "\n")
+    return "".join(out)
+
+
+def fit_context(encode: Encode, snippets: Sequence[Snippet], budget: int
+                ) -> tuple[list[int], tuple[UsedSnippet, ...]]:
+    """The context block's token ids within ``budget``, and what it holds.
+
+    Snippets are taken by rank while they fit (one that does not fit is skipped, a smaller one
+    may still come in) and laid out in their given order. Each is encoded on its own, so a
+    snippet's tokens never depend on its neighbours or on the cursor's text: the same snippets
+    give the same ids, and the warm prompt cache reuses them.
+    """
+    chosen: dict[int, list[int]] = {}
+    room = budget
+    for index in sorted(range(len(snippets)), key=lambda i: snippets[i].rank):
+        if room <= 0:
+            break
+        text = render_snippet(snippets[index])
+        if len(text) > room * MAX_CHARS_PER_TOKEN:  # cannot fit: skip without tokenizing it
+            continue
+        ids = encode(text)
+        if len(ids) <= room:
+            chosen[index] = ids
+            room -= len(ids)
+    block: list[int] = []
+    used = []
+    for index in sorted(chosen):
+        s = snippets[index]
+        block += chosen[index]
+        used.append(UsedSnippet(s.path, s.start_line, s.end_line, len(chosen[index])))
+    return block, tuple(used)
+
+
 @dataclass(frozen=True)
 class Prompt:
     ids: list[int]
@@ -173,17 +251,22 @@ class Prompt:
     suffix: str
     fim: bool  # False: left-to-right completion of the prefix
     truncation: Truncation
+    context: tuple[UsedSnippet, ...] = ()  # the snippets laid out before the file's text
 
 
 def build_prompt(encode: Encode, *, prefix: str, suffix: str, fim: FimTokens | None,
                  fim_mode: str = "psm", n_positions: int, max_tokens: int,
-                 filename_id: int | None = None, filename: str | None = None) -> Prompt:
+                 filename_id: int | None = None, filename: str | None = None,
+                 context: Sequence[Snippet] = (), context_tokens: int | None = None) -> Prompt:
     """Lay out a prompt with the sentinels the model was trained on, fitted to the context.
 
     PSM: ``<prefix>P<suffix>S<middle>``; SPM (the "v2" variant the BigCode models saw):
     ``<prefix><suffix>S<middle>P``. Without a suffix or without FIM sentinels the prompt is the
     prefix alone. StarCoder-style metadata (``<filename>path\\n``) starts the document, so it
-    leads the prefix part.
+    leads the prefix part; the ``context`` block (see :func:`fit_context`) follows it, before
+    the file's own text. One budget: the output's room and the sentinels are reserved, the
+    cursor's text is fitted first, and the context block gets what is left, at most
+    ``context_tokens`` (None: no cap).
 
     Raises:
         UsageError: unknown fim_mode.
@@ -202,18 +285,23 @@ def build_prompt(encode: Encode, *, prefix: str, suffix: str, fim: FimTokens | N
             f"--max-tokens {max_tokens} leaves no room for the prompt in this model's "
             f"{n_positions}-token context; use at most {n_positions - sentinels - len(meta) - 1}"
         )
+    cap = budget if context_tokens is None else min(budget, max(context_tokens, 0))
     if not use_fim:
         kept = _keep_tail(encode, prefix, budget)
         if not kept and not meta:
             raise UsageError("nothing to complete: the prompt is empty")
         cut = prefix[: len(prefix) - len(kept)]
         trunc = Truncation(prefix_chars=len(cut), prefix_lines=cut.count("\n"))
-        return Prompt(meta + encode(kept), kept, "", False, trunc)
+        kept_ids = encode(kept)
+        block, used = fit_context(encode, context, min(cap, budget - len(kept_ids))) if context else ([], ())
+        return Prompt(meta + block + kept_ids, kept, "", False, trunc, used)
     assert fim is not None
     kept_p, kept_s, trunc = fit_to_budget(encode, prefix, suffix, budget)
-    p_ids, s_ids = meta + encode(kept_p), encode(kept_s)
+    p_ids, s_ids = encode(kept_p), encode(kept_s)
+    block, used = fit_context(encode, context, min(cap, budget - len(p_ids) - len(s_ids))) if context else ([], ())
+    p_ids = meta + block + p_ids
     if fim_mode == "psm":
         ids = [fim.prefix, *p_ids, fim.suffix, *s_ids, fim.middle]
     else:
         ids = [fim.prefix, fim.suffix, *s_ids, fim.middle, *p_ids]
-    return Prompt(ids, kept_p, kept_s, True, trunc)
+    return Prompt(ids, kept_p, kept_s, True, trunc, used)

@@ -363,6 +363,7 @@ class RemoteEngine:
             "max_tokens": opts.max_tokens, "temperature": opts.temperature, "top_p": opts.top_p,
             "top_k": opts.top_k, "seed": opts.seed, "n": opts.n, "stop": list(opts.stop), "stream": True,
             "speculate": opts.speculate, "time_budget_ms": opts.time_budget_ms,
+            "context": [{"path": c.path, "text": c.text} for c in opts.context], "context_tokens": opts.context_tokens,
         }
         if opts.metadata_filename:
             body["path"] = opts.metadata_filename
@@ -385,6 +386,8 @@ def _result_from_dict(d: dict[str, Any], opts: CompletionOptions, elapsed: float
                                       suffix_chars=int(cut["suffix_chars"]),
                                       suffix_lines=int(cut["suffix_lines"])),
             model=str(d["model"]),
+            context=tuple(fim.UsedSnippet(str(c["path"]), int(c["start_line"]), int(c["end_line"]), int(c["tokens"]))
+                          for c in d.get("context") or ()),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise RemoteError(f"the server's answer is not a santa result (missing or bad {exc})") from None

@@ -51,6 +51,7 @@ class Settings:
     fim_mode: str = "psm"
     use_filename: bool = True
     speculate: str = "auto"  # speculative decoding from the prompt: "auto", "off" or a draft length "N"
+    context_tokens: int = 512  # most prompt tokens for snippets of other files (0: none); see santacli.context
     hint: bool = True  # the one-line hint about real models when the bundled one is used
     max_queue: int = 16  # santa serve: requests that may wait while one runs (more get 503)
     daemon: str = "use"  # the per-user daemon: "use" it when running, "auto"-start it, or "off"

@@ -1,5 +1,6 @@
 """``santa complete PATH:LINE[:COL]``: complete the code in a file at a cursor, the rest of the
-file being the suffix; print it, or write it into the file, or print a diff or JSON."""
+file being the suffix, with snippets of the other files of its git repository as context; print
+it, or write it into the file, or print a diff or JSON."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ from typing import Annotated
 
 import typer
 
-from santacli.cli.options import CommonOptions, Json, with_common_options
+from santacli.cli.options import (
+    CommonOptions,
+    ContextFiles,
+    ContextTokens,
+    Json,
+    NoContext,
+    with_common_options,
+    with_context,
+)
 from santacli.cli.output import err, print_candidates, report, run_completion, state, to_json
 from santacli.errors import UsageError
 from santacli.files import check_replaceable, read_for_completion, replace_text
@@ -25,6 +34,9 @@ def complete(
     json_out: Json = False,
     in_place: Annotated[bool, typer.Option("--in-place", "-i", help="Write the completion into the file.")] = False,
     diff: Annotated[bool, typer.Option("--diff", help="Print a unified diff instead of the text.")] = False,
+    context: ContextFiles = None,
+    no_context: NoContext = False,
+    context_tokens: ContextTokens = None,
 ) -> None:
     """Complete the code in a file at a cursor; the rest of the file is the suffix."""
     from santacli.fim import parse_cursor_spec, split_at_position
@@ -40,6 +52,9 @@ def complete(
     prefix, suffix = split_at_position(text, spec.line, spec.column)
     settings = load_settings()
     opts = common.completion_options(settings, display_name(path))
+    # Snippets of the repository's other files (and of --context files), before the model loads.
+    opts = with_context(opts, settings, prefix, suffix, target=path, files=context, no_context=no_context,
+                        context_tokens=context_tokens)
     engine = common.engine(settings)
     streaming = not (json_out or in_place or diff)
     result = run_completion(engine, prefix, suffix, opts, stream_to=sys.stdout if streaming else None)

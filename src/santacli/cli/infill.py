@@ -9,7 +9,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from santacli.cli.options import DEFAULT_MARKER, CommonOptions, Json, with_common_options
+from santacli.cli.options import (
+    DEFAULT_MARKER,
+    CommonOptions,
+    ContextFiles,
+    ContextTokens,
+    Json,
+    NoContext,
+    with_common_options,
+    with_context,
+)
 from santacli.cli.output import print_candidates, report, run_completion, to_json
 from santacli.errors import InputError, UsageError
 from santacli.files import decode_text, read_text_file
@@ -28,7 +37,11 @@ def infill(
         "--suffix-file", help="Read the suffix from this file (with --prefix-file).")] = None,
     full: Annotated[bool, typer.Option("--full", help="Print the whole text with the middle inserted.")] = False,
     path: Annotated[Optional[str], typer.Option(  # noqa: UP045
-        "--path", help="File name of the code, passed as <filename> metadata.")] = None,
+        "--path", help="File name of the code, passed as <filename> metadata; inside a git repository, "
+                       "its other files give context.")] = None,
+    context: ContextFiles = None,
+    no_context: NoContext = False,
+    context_tokens: ContextTokens = None,
 ) -> None:
     """Fill in code read from stdin at the cursor marker (no marker: continue the text)."""
     from santacli.fim import split_at_marker
@@ -48,6 +61,8 @@ def infill(
         prefix, suffix = split if split is not None else (text, "")
     settings = load_settings()
     opts = common.completion_options(settings, path)
+    opts = with_context(opts, settings, prefix, suffix, target=Path(path) if path else None, files=context,
+                        no_context=no_context, context_tokens=context_tokens)
     engine = common.engine(settings)
     streaming = not (json_out or full)
     result = run_completion(engine, prefix, suffix, opts, stream_to=sys.stdout if streaming else None)

@@ -14,6 +14,7 @@ import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
 
 import typer
@@ -62,6 +63,12 @@ Quantize = Annotated[Optional[str], typer.Option(  # noqa: UP045
 Decode = Annotated[Optional[str], typer.Option(  # noqa: UP045
     help="CPU decode steps: auto (the native kernel of santa where it builds, else PyTorch), native or pytorch.",
     autocompletion=_choices("auto", "native", "pytorch"))]
+Speculate = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    help="Speculative decoding from the prompt: auto (where it measures faster), off, or N (most drafted tokens "
+         "per step). Greedy output is unchanged.", autocompletion=_choices("auto", "off", "4", "8"))]
+TimeBudget = Annotated[Optional[int], typer.Option(  # noqa: UP045
+    "--time-budget", metavar="MS",
+    help="Once this many ms have passed since the first token, stop at the next line end.")]
 MaxTokens = Annotated[Optional[int], typer.Option("--max-tokens", help="Most tokens to generate.")]  # noqa: UP045
 Temperature = Annotated[Optional[float], typer.Option(help="0 is greedy (default).")]  # noqa: UP045
 TopP = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling mass (0, 1].")]  # noqa: UP045
@@ -81,6 +88,16 @@ Endpoint = Annotated[Optional[str], typer.Option(  # noqa: UP045
     help="Send the request to a running server (santa serve, TGI, vLLM, llama.cpp) at this URL.")]
 Api = Annotated[str, typer.Option(help="Protocol of --endpoint: santa, tgi or openai.",
     autocompletion=_choices("santa", "tgi", "openai"))]
+# Cross-file context (complete, infill): see santacli.context.
+ContextFiles = Annotated[Optional[list[Path]], typer.Option(  # noqa: UP045
+    "--context", metavar="PATH",
+    help="Show the model snippets of this file, or of the files in this folder (repeatable).")]
+NoContext = Annotated[bool, typer.Option(
+    "--no-context", help="No snippets from the git repository of the file (files given with --context still count).")]
+ContextTokens = Annotated[Optional[int], typer.Option(  # noqa: UP045
+    "--context-tokens", metavar="N",
+    help="Most prompt tokens for snippets of other files; the text of the file itself comes first "
+         "[default: 512; 0: none].")]
 
 # Flag parameter name -> (declaration, default), in --help order; "candidates" is CommonOptions.n.
 _MODEL_FLAGS: dict[str, tuple[Any, Any]] = {
@@ -88,7 +105,8 @@ _MODEL_FLAGS: dict[str, tuple[Any, Any]] = {
     "top_p": (TopP, None), "top_k": (TopK, None), "seed": (Seed, None), "candidates": (Candidates, 1),
     "mode": (Mode, None), "fim_mode": (FimMode, None), "stop": (Stop, None), "device": (Device, None),
     "dtype": (Dtype, None), "attention": (Attention, None), "quantize": (Quantize, None),
-    "decode": (Decode, None), "no_filename": (NoFilename, False),
+    "decode": (Decode, None), "speculate": (Speculate, None), "time_budget": (TimeBudget, None),
+    "no_filename": (NoFilename, False),
 }
 _FILE_FLAGS = ("stop", "no_filename")  # only for commands that complete text from files or stdin
 _REMOTE_FLAGS: dict[str, tuple[Any, Any]] = {"endpoint": (Endpoint, None), "api": (Api, APIS[0])}
@@ -142,6 +160,8 @@ class CommonOptions:
     attention: str | None = None
     quantize: str | None = None
     decode: str | None = None
+    speculate: str | None = None
+    time_budget: int | None = None  # ms
     # what to generate
     max_tokens: int | None = None
     temperature: float | None = None
@@ -165,7 +185,7 @@ class CommonOptions:
         """
         from santacli.completion import CompletionOptions
 
-        return CompletionOptions(
+        opts = CompletionOptions(
             max_tokens=_pick(self.max_tokens, settings.max_tokens),
             temperature=_pick(self.temperature, settings.temperature),
             top_p=_pick(self.top_p, settings.top_p),
@@ -177,7 +197,13 @@ class CommonOptions:
             stop=tuple(self.stop or ()),
             filename=filename,
             use_filename=settings.use_filename and not self.no_filename,
+            speculate=_pick(self.speculate, settings.speculate),
+            time_budget_ms=self.time_budget,
         )
+        if opts.n > 1 and opts.sampling.greedy and not state.quiet:
+            err.print(f"santa: warning: greedy decoding (temperature 0) gives {opts.n} identical candidates; "
+                      "pass --temperature (e.g. 0.8) for different ones", style="yellow", soft_wrap=True)
+        return opts
 
     def engine(self, settings: Settings) -> CompletionEngine:
         """A server's engine with ``--endpoint``; else the per-user daemon when one runs (or is
@@ -235,6 +261,27 @@ def load_model(spec: ModelSpec) -> LoadedEngine:
 
     return Engine.load(spec.model, device=spec.device, dtype=spec.dtype, attention=spec.attention,
                        quantize=spec.quantize, decode=spec.decode)
+
+
+def with_context(opts: CompletionOptions, settings: Settings, prefix: str, suffix: str, *, target: Path | None,
+                 files: list[Path] | None, no_context: bool, context_tokens: int | None) -> CompletionOptions:
+    """``opts`` with the snippets of other files for this cursor: from ``target``'s git
+    repository unless ``no_context``, and from ``files`` (flag > settings for the budget).
+
+    Raises:
+        UsageError, InputError: a --context path is missing or unreadable; a negative budget.
+    """
+    from dataclasses import replace
+
+    from santacli.context import for_cursor
+
+    budget = _pick(context_tokens, settings.context_tokens)
+    if budget < 0:
+        raise UsageError(f"--context-tokens must be >= 0, got {budget}")
+    if budget == 0:
+        return replace(opts, context_tokens=0)
+    snippets = for_cursor(prefix, suffix, target=target, repository=not no_context, files=files or ())
+    return replace(opts, context=snippets, context_tokens=budget)
 
 
 def hint_if_bundled(settings: Settings, model: str | None) -> None:

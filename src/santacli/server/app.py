@@ -32,7 +32,7 @@ from starlette.routing import Route
 
 from santacli.completion import LoadedEngine
 from santacli.errors import UsageError
-from santacli.server import routes_openai, routes_santa, routes_tgi
+from santacli.server import routes_llamacpp, routes_openai, routes_santa, routes_tgi
 from santacli.server.guard import LOOPBACK_NAMES, RequestGuard, allowed_hosts_for, is_loopback
 from santacli.server.state import BODY_TIMEOUT, ServerState
 from santacli.server.transport import uvicorn_config
@@ -88,6 +88,9 @@ def create_app(engine: LoadedEngine, *, api_key: str | None = None, max_queue: i
         Route("/generate", r(routes_tgi.generate_only, tgi=True), methods=["POST"]),
         Route("/generate_stream", r(routes_tgi.generate_stream, tgi=True), methods=["POST"]),
         Route("/info", r(routes_tgi.info), methods=["GET"]),
+        Route("/completion", r(routes_llamacpp.completion), methods=["POST"]),
+        Route("/completions", r(routes_llamacpp.completion), methods=["POST"]),
+        Route("/props", r(routes_llamacpp.props), methods=["GET"]),
     ]
 
     async def http_error(request: Request, exc: Exception) -> Response:
