@@ -330,3 +330,16 @@ def test_non_finite_weights_are_a_broken_checkpoint(tmp_path, capsys, monkeypatc
         code, out, err = run(["infill", "--model", str(bad), "--max-tokens", "4", *extra], capsys, monkeypatch,
                              stdin=b"def f(x):\n    return <CURSOR>\n")
         assert code == 4 and out == "" and "NaN or infinite" in err and "Traceback" not in err
+
+
+def test_null_separated_candidates(tiny_checkpoint, capsys, monkeypatch):
+    args = ["infill", "--model", str(tiny_checkpoint), "-n", "3", "--temperature", "0.9", "--seed", "5",
+            "--max-tokens", "6", "--mode", "full"]
+    stdin = b"def f(x):\n    return <CURSOR>\n"
+    code, out, _ = run([*args, "--json"], capsys, monkeypatch, stdin=stdin)
+    want = json.loads(out)["candidates"]
+    code, out, _ = run([*args, "-z"], capsys, monkeypatch, stdin=stdin)
+    assert code == 0 and out.split("\0") == [*want, ""]
+    _, _, err = run(["infill", "--model", str(tiny_checkpoint), "-n", "2", "--max-tokens", "2"], capsys, monkeypatch,
+                    stdin=stdin)
+    assert "identical candidates" in err  # greedy -n 2 says what it gives

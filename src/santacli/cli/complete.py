@@ -74,7 +74,7 @@ def complete(
             err.print(f"santa: inserted {len(result.text)} characters into {path}" if result.text
                       else f"santa: empty completion; {path} left unchanged", style="dim", soft_wrap=True)
     else:
-        print_candidates(result, streamed=True)
+        print_candidates(result, streamed=True, null=common.null)
     report(result)
 
 

@@ -72,7 +72,7 @@ def infill(
         sys.stdout.write(prefix + result.text + suffix)
         sys.stdout.flush()
     else:
-        print_candidates(result, streamed=True)
+        print_candidates(result, streamed=True, null=common.null)
     report(result)
 
 

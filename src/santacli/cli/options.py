@@ -84,6 +84,8 @@ FimMode = Annotated[Optional[str], typer.Option(  # noqa: UP045
 Stop = Annotated[Optional[list[str]], typer.Option(help="Stop at this string (repeatable).")]  # noqa: UP045
 NoFilename = Annotated[bool, typer.Option("--no-filename", help="Do not pass the file name as <filename> metadata.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the text.")]
+Null = Annotated[bool, typer.Option(
+    "--null", "-z", help="End every candidate with a NUL byte (for -n > 1 in scripts).")]
 Endpoint = Annotated[Optional[str], typer.Option(  # noqa: UP045
     help="Send the request to a running server (santa serve, TGI, vLLM, llama.cpp) at this URL.")]
 Api = Annotated[str, typer.Option(help="Protocol of --endpoint: santa, tgi or openai.",
@@ -106,9 +108,9 @@ _MODEL_FLAGS: dict[str, tuple[Any, Any]] = {
     "mode": (Mode, None), "fim_mode": (FimMode, None), "stop": (Stop, None), "device": (Device, None),
     "dtype": (Dtype, None), "attention": (Attention, None), "quantize": (Quantize, None),
     "decode": (Decode, None), "speculate": (Speculate, None), "time_budget": (TimeBudget, None),
-    "no_filename": (NoFilename, False),
+    "no_filename": (NoFilename, False), "null": (Null, False),
 }
-_FILE_FLAGS = ("stop", "no_filename")  # only for commands that complete text from files or stdin
+_FILE_FLAGS = ("stop", "no_filename", "null")  # only for commands that complete text from files or stdin
 _REMOTE_FLAGS: dict[str, tuple[Any, Any]] = {"endpoint": (Endpoint, None), "api": (Api, APIS[0])}
 
 
@@ -173,6 +175,7 @@ class CommonOptions:
     fim_mode: str | None = None
     stop: list[str] | None = None
     no_filename: bool = False
+    null: bool = False  # -z: NUL after each candidate on stdout
     # where it runs: this process, or a server
     endpoint: str | None = None
     api: str = APIS[0]

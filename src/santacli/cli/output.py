@@ -43,11 +43,16 @@ def run_completion(engine: CompletionEngine, prefix: str, suffix: str, opts: Com
     return stream.result
 
 
-def print_candidates(result: CompletionResult, streamed: bool) -> None:
-    """The first candidate (unless already streamed), then the others behind a stderr rule."""
+def print_candidates(result: CompletionResult, streamed: bool, *, null: bool = False) -> None:
+    """The first candidate (unless already streamed), then the others behind a stderr rule; with
+    ``null``, every candidate ends with a NUL byte instead (``-z``: for ``xargs -0`` and scripts)."""
     out = sys.stdout
     if not streamed:
         out.write(result.text)
+    if null:
+        out.write("\0" + "".join(text + "\0" for text in result.candidates[1:]))
+        out.flush()
+        return
     for i, text in enumerate(result.candidates[1:], start=2):
         out.write("\n")
         out.flush()
