@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-SAMPLE = 0.03  # seconds to watch when there is no recent count to compare with
-RECENT = 5.0  # a count older than this is not compared against (the load may have changed)
+SAMPLE = 0.015  # seconds to watch when there is no recent count to compare with
+RECENT = 30.0  # a count older than this is not compared against (the load may have changed)
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,14 @@ class CoreMeter:
 
     def __init__(self) -> None:
         self._last: _Count | None = None
+
+    def start(self) -> None:
+        """Take a first count now (e.g. while a model loads), so the first :meth:`free` need not
+        wait :data:`SAMPLE` to have something to compare with."""
+        try:
+            self._last = self._count(set(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):
+            self._last = None
 
     def _count(self, cores: set[int]) -> _Count | None:
         busy = _busy_seconds(cores)

@@ -71,6 +71,8 @@ class Engine:
             ModelNotFoundError, ConfigError, CheckpointError, BackendError.
         """
         started = time.perf_counter()
+        cores = CoreMeter()
+        cores.start()  # the first completion compares against this count: no wait for a sample
         dev = weights.choose_device(device)
         torch_dtype = weights.choose_dtype(dtype, dev)
         backend = select_backend(attention, dev, torch_dtype)
@@ -92,7 +94,9 @@ class Engine:
         info = LoadInfo(name=model, folder=folder, device=str(dev), dtype=str(torch_dtype).removeprefix("torch."),
                         attention=backend, quantize=quant, decode=decode_desc,
                         load_seconds=time.perf_counter() - started, context_length=config.n_positions)
-        return cls(net, tokenizer, info)
+        engine = cls(net, tokenizer, info)
+        engine._cores = cores
+        return engine
 
     @property
     def device(self) -> torch.device:
