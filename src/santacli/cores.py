@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SAMPLE = 0.015  # seconds to watch when there is no recent count to compare with
+BUSY_MARGIN = 0.3  # others' use of 0.7 of a core or more takes that core
 RECENT = 30.0  # a count older than this is not compared against (the load may have changed)
 
 
@@ -86,4 +87,6 @@ class CoreMeter:
         if elapsed <= 0:
             return len(cores)
         others = max(0.0, (now.busy - before.busy) - (now.own - before.own)) / elapsed
-        return max(1, min(len(cores), len(cores) - round(others)))
+        # A core counts as taken only when others kept it mostly busy: a client that worked a
+        # while and now waits for our answer (an editor, a benchmark) leaves its core free.
+        return max(1, min(len(cores), len(cores) - int(others + BUSY_MARGIN)))
