@@ -3,6 +3,8 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 # Tiny models gain nothing from threads, and a busy 2-core machine makes OpenMP barriers spin:
@@ -55,3 +57,15 @@ def reference(tiny_checkpoint: Path, engine):
     from santacli.engine import Engine
 
     return Engine.load(str(tiny_checkpoint), device="cpu", dtype=engine.info.dtype, attention=engine.info.attention)
+
+
+@contextmanager
+def serving_in_thread(server):
+    """Run a ``socketserver``/``http.server`` server in a daemon thread for the block."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import serving_in_thread
+
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = ROOT / "completions"
 SANTA = Path(sys.executable).with_name("santa")
@@ -274,14 +276,8 @@ class FakeHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_server() -> Iterator[FakeServer]:
-    server = FakeServer()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving_in_thread(FakeServer()) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.parametrize("editor", list(EDITORS))

@@ -34,6 +34,7 @@ from pygls.exceptions import JsonRpcException
 from pytest_lsp import LanguageClient
 from pytest_lsp.client import make_test_lsp_client
 
+from conftest import serving_in_thread
 from santacli.cli import lsp as cli_lsp
 from santacli.errors import UsageError
 from santacli.lsp import config as lsp_config
@@ -309,14 +310,8 @@ class ScriptedHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def scripted() -> Iterator[ScriptedServer]:
-    server = ScriptedServer()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving_in_thread(ScriptedServer()) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 SLOW = Script(["x"] * 1000, pause=0.01)  # ten seconds of stream unless santa stops it

@@ -34,7 +34,7 @@ from santacli.completion import CompletionOptions, CompletionResult, ResultStrea
 from santacli.context import client_chunks, select
 from santacli.errors import SantaError
 from santacli.server.state import ServerState
-from santacli.server.wire import MAX_SEED, ApiError, field, from_exception, sse, stop_list, unsent
+from santacli.server.wire import MAX_SEED, ApiError, field, from_exception, single_prompt, sse, stop_list, unsent
 from santacli.server.worker import Job
 
 MAX_EXTRA_CHUNKS = 256  # input_extra entries per request
@@ -339,12 +339,7 @@ async def completion(state: ServerState, request: Request) -> Response:
 
 @_llama_errors
 async def _completion(state: ServerState, request: Request, body: dict[str, Any]) -> Response:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise ApiError(400, "\"prompt\" must be a string (token arrays and batches are not supported)",
-                       param="prompt")
+    prompt = single_prompt(body, status=400, quote='"')
     req = _Request(state, body)
     opts = replace(req.options, max_tokens=1) if req.prefill_only else req.options
     return await _respond(state, request, req, lambda: state.engine.generate_text(prompt, opts))

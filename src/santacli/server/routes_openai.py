@@ -18,9 +18,9 @@ from santacli.completion import CompletionResult, ResultStream
 from santacli.server.state import ServerState
 from santacli.server.wire import (
     MAX_SEED,
-    ApiError,
     field,
     reject_unsupported,
+    single_prompt,
     sse,
     sse_error,
     stop_list,
@@ -43,12 +43,7 @@ async def models(state: ServerState, request: Request) -> Response:
 
 async def completions(state: ServerState, request: Request) -> Response:
     body = await state.json_body(request)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise ApiError(422, "'prompt' must be a string (batches and token arrays are not supported)",
-                       param="prompt")
+    prompt = single_prompt(body, status=422)
     reject_unsupported(body, {
         "echo": lambda v: v is False, "logprobs": lambda v: v in (0, False), "best_of": lambda v: v == 1,
         "logit_bias": lambda v: v == {},

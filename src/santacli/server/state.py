@@ -173,6 +173,8 @@ class ServerState:
         async def body() -> AsyncIterator[bytes]:
             try:
                 async for chunk in events:
+                    if job.client_gone:  # writing on would only hit a closed socket
+                        break
                     yield chunk
             finally:
                 job.close()

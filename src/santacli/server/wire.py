@@ -105,6 +105,17 @@ def stop_list(body: dict[str, Any], key: str) -> list[str]:
     return [s for s in value if s]
 
 
+def single_prompt(body: dict[str, Any], *, status: int, quote: str = "'") -> str:
+    """``body["prompt"]`` as one string (a one-element list is accepted, as OpenAI clients send)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError(status, f"{quote}prompt{quote} must be a string (batches and token arrays are not supported)",
+                       param="prompt")
+    return prompt
+
+
 def reject_unsupported(body: dict[str, Any], checks: dict[str, Callable[[Any], bool]]) -> None:
     """Refuse options santa cannot honour instead of silently ignoring them."""
     for key, is_default in checks.items():

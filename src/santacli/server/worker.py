@@ -50,6 +50,7 @@ class Job:
         self._watcher: asyncio.Task[None] | None = None
         self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.cancelled = threading.Event()
+        self.client_gone = False  # the client disconnected: nothing more is sent to it
         self._stream: ResultStream | None = None
         self._result: CompletionResult | None = None
         self.finished = False
@@ -99,6 +100,7 @@ class Job:
     async def _watch(self) -> None:
         assert self._until_gone is not None
         await self._until_gone()
+        self.client_gone = True
         self.cancel()
 
     async def _take(self) -> tuple[str, Any]:
