@@ -13,12 +13,8 @@ import typer
 
 from santacli.cli.options import (
     CommonOptions,
-    ContextFiles,
-    ContextTokens,
     Json,
-    NoContext,
     with_common_options,
-    with_context,
 )
 from santacli.cli.output import err, print_candidates, report, run_completion, state, to_json
 from santacli.errors import UsageError
@@ -34,9 +30,6 @@ def complete(
     json_out: Json = False,
     in_place: Annotated[bool, typer.Option("--in-place", "-i", help="Write the completion into the file.")] = False,
     diff: Annotated[bool, typer.Option("--diff", help="Print a unified diff instead of the text.")] = False,
-    context: ContextFiles = None,
-    no_context: NoContext = False,
-    context_tokens: ContextTokens = None,
 ) -> None:
     """Complete the code in a file at a cursor; the rest of the file is the suffix."""
     from santacli.fim import parse_cursor_spec, split_at_position
@@ -53,8 +46,7 @@ def complete(
     settings = load_settings()
     opts = common.completion_options(settings, display_name(path))
     # Snippets of the repository's other files (and of --context files), before the model loads.
-    opts = with_context(opts, settings, prefix, suffix, target=path, files=context, no_context=no_context,
-                        context_tokens=context_tokens)
+    opts = common.with_context(opts, settings, prefix, suffix, target=path)
     engine = common.engine(settings)
     streaming = not (json_out or in_place or diff)
     result = run_completion(engine, prefix, suffix, opts, stream_to=sys.stdout if streaming else None)

@@ -12,12 +12,8 @@ import typer
 from santacli.cli.options import (
     DEFAULT_MARKER,
     CommonOptions,
-    ContextFiles,
-    ContextTokens,
     Json,
-    NoContext,
     with_common_options,
-    with_context,
 )
 from santacli.cli.output import print_candidates, report, run_completion, to_json
 from santacli.errors import InputError, UsageError
@@ -39,9 +35,6 @@ def infill(
     path: Annotated[Optional[str], typer.Option(  # noqa: UP045
         "--path", help="File name of the code, passed as <filename> metadata; inside a git repository, "
                        "its other files give context.")] = None,
-    context: ContextFiles = None,
-    no_context: NoContext = False,
-    context_tokens: ContextTokens = None,
 ) -> None:
     """Fill in code read from stdin at the cursor marker (no marker: continue the text)."""
     from santacli.fim import split_at_marker
@@ -61,8 +54,7 @@ def infill(
         prefix, suffix = split if split is not None else (text, "")
     settings = load_settings()
     opts = common.completion_options(settings, path)
-    opts = with_context(opts, settings, prefix, suffix, target=Path(path) if path else None, files=context,
-                        no_context=no_context, context_tokens=context_tokens)
+    opts = common.with_context(opts, settings, prefix, suffix, target=Path(path) if path else None)
     engine = common.engine(settings)
     streaming = not (json_out or full)
     result = run_completion(engine, prefix, suffix, opts, stream_to=sys.stdout if streaming else None)

@@ -108,9 +108,11 @@ _MODEL_FLAGS: dict[str, tuple[Any, Any]] = {
     "mode": (Mode, None), "fim_mode": (FimMode, None), "stop": (Stop, None), "device": (Device, None),
     "dtype": (Dtype, None), "attention": (Attention, None), "quantize": (Quantize, None),
     "decode": (Decode, None), "speculate": (Speculate, None), "time_budget": (TimeBudget, None),
-    "no_filename": (NoFilename, False), "null": (Null, False),
+    "no_filename": (NoFilename, False), "null": (Null, False), "context": (ContextFiles, None),
+    "no_context": (NoContext, False), "context_tokens": (ContextTokens, None),
 }
-_FILE_FLAGS = ("stop", "no_filename", "null")  # only for commands that complete text from files or stdin
+# Only for commands that complete text from files or stdin:
+_FILE_FLAGS = ("stop", "no_filename", "null", "context", "no_context", "context_tokens")
 _REMOTE_FLAGS: dict[str, tuple[Any, Any]] = {"endpoint": (Endpoint, None), "api": (Api, APIS[0])}
 
 
@@ -176,6 +178,9 @@ class CommonOptions:
     stop: list[str] | None = None
     no_filename: bool = False
     null: bool = False  # -z: NUL after each candidate on stdout
+    context: list[Path] | None = None  # --context files and folders
+    no_context: bool = False
+    context_tokens: int | None = None
     # where it runs: this process, or a server
     endpoint: str | None = None
     api: str = APIS[0]
@@ -207,6 +212,27 @@ class CommonOptions:
             err.print(f"santa: warning: greedy decoding (temperature 0) gives {opts.n} identical candidates; "
                       "pass --temperature (e.g. 0.8) for different ones", style="yellow", soft_wrap=True)
         return opts
+
+    def with_context(self, opts: CompletionOptions, settings: Settings, prefix: str, suffix: str, *,
+                     target: Path | None) -> CompletionOptions:
+        """``opts`` with the snippets of other files for this cursor: from ``target``'s git
+        repository unless ``--no-context``, and from ``--context`` files (flag > settings for the
+        budget).
+
+        Raises:
+            UsageError, InputError: a --context path is missing or unreadable; a negative budget.
+        """
+        from dataclasses import replace
+
+        from santacli.context import for_cursor
+
+        budget = _pick(self.context_tokens, settings.context_tokens)
+        if budget < 0:
+            raise UsageError(f"--context-tokens must be >= 0, got {budget}")
+        if budget == 0:
+            return replace(opts, context_tokens=0)
+        snippets = for_cursor(prefix, suffix, target=target, repository=not self.no_context, files=self.context or ())
+        return replace(opts, context=snippets, context_tokens=budget)
 
     def engine(self, settings: Settings) -> CompletionEngine:
         """A server's engine with ``--endpoint``; else the per-user daemon when one runs (or is
@@ -264,27 +290,6 @@ def load_model(spec: ModelSpec) -> LoadedEngine:
 
     return Engine.load(spec.model, device=spec.device, dtype=spec.dtype, attention=spec.attention,
                        quantize=spec.quantize, decode=spec.decode)
-
-
-def with_context(opts: CompletionOptions, settings: Settings, prefix: str, suffix: str, *, target: Path | None,
-                 files: list[Path] | None, no_context: bool, context_tokens: int | None) -> CompletionOptions:
-    """``opts`` with the snippets of other files for this cursor: from ``target``'s git
-    repository unless ``no_context``, and from ``files`` (flag > settings for the budget).
-
-    Raises:
-        UsageError, InputError: a --context path is missing or unreadable; a negative budget.
-    """
-    from dataclasses import replace
-
-    from santacli.context import for_cursor
-
-    budget = _pick(context_tokens, settings.context_tokens)
-    if budget < 0:
-        raise UsageError(f"--context-tokens must be >= 0, got {budget}")
-    if budget == 0:
-        return replace(opts, context_tokens=0)
-    snippets = for_cursor(prefix, suffix, target=target, repository=not no_context, files=files or ())
-    return replace(opts, context=snippets, context_tokens=budget)
 
 
 def hint_if_bundled(settings: Settings, model: str | None) -> None:
