@@ -39,7 +39,8 @@ from santacli.tokenizer import Tokenizer
 class Engine:
     """A loaded model and its tokenizer."""
 
-    def __init__(self, model: GPTBigCode, tokenizer: Tokenizer, info: LoadInfo) -> None:
+    def __init__(self, model: GPTBigCode, tokenizer: Tokenizer, info: LoadInfo, *,
+                 cores: CoreMeter | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.info = info
@@ -49,7 +50,7 @@ class Engine:
         # completion (at most torch's own count), so a busy core never stalls every step.
         self.threads: int | None = None
         self._max_threads = torch.get_num_threads()
-        self._cores = CoreMeter()
+        self._cores = cores or CoreMeter()
 
     @classmethod
     def load(cls, model: str, *, device: str | None = None, dtype: str | None = None,
@@ -94,9 +95,7 @@ class Engine:
         info = LoadInfo(name=model, folder=folder, device=str(dev), dtype=str(torch_dtype).removeprefix("torch."),
                         attention=backend, quantize=quant, decode=decode_desc,
                         load_seconds=time.perf_counter() - started, context_length=config.n_positions)
-        engine = cls(net, tokenizer, info)
-        engine._cores = cores
-        return engine
+        return cls(net, tokenizer, info, cores=cores)
 
     @property
     def device(self) -> torch.device:
