@@ -37,8 +37,9 @@ ALLOWED = {
     "generate": {"errors", "model", "sampling", "speculate"},
     "promptcache": {"model"},
     "engine": {"errors", "config", "model", "weights", "hub", "tokenizer", "fim", "generate", "promptcache",
-               "quantize", "completion", "native", "sampling", "speculate", "cores"},
-    "native": {"errors", "model"},
+               "quantize", "completion", "native", "prompt_gemm", "sampling", "speculate", "cores"},
+    "native": {"errors", "model", "quantize"},
+    "prompt_gemm": {"errors", "native", "quantize"},
     "remote": {"errors", "config", "hub", "tokenizer", "fim", "completion", "daemon"},
     "quantize": {"errors"},
 }

@@ -372,6 +372,7 @@ class LoadInfo:
     decode: str  # "native (avx512 ...)" or "pytorch (...why)"
     load_seconds: float
     context_length: int = 0
+    prompt: str = ""  # how prompt passes multiply, e.g. "native avx2 (measured at ...)"
 
 
 class CompletionEngine(Protocol):

@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from santacli import fim, hub, native, weights
+from santacli import fim, hub, native, prompt_gemm, weights
 from santacli.completion import (
     CompletionOptions,
     CompletionRun,
@@ -78,6 +78,8 @@ class Engine:
         torch_dtype = weights.choose_dtype(dtype, dev)
         backend = select_backend(attention, dev, torch_dtype)
         quant = check_quantization(quantize, dev, torch_dtype)
+        if quant == "int8":
+            prompt_gemm.requested()  # a bad SANTA_INT8_GEMM fails before any weights are read
         native.check_decode(decode, dev)
         folder = hub.resolve_model(model, allow_download=allow_download)
         config = ModelConfig.from_file(folder / "config.json")
@@ -92,9 +94,11 @@ class Engine:
                                  convert_linear=int8_linear if int8 else None,
                                  tied_embedding=int8_embedding if int8 else None)
         decode_desc = native.attach(net, decode)
+        prompt_desc = prompt_gemm.choose_for_model(net) if int8 else prompt_gemm.describe_float(dev, torch_dtype)
         info = LoadInfo(name=model, folder=folder, device=str(dev), dtype=str(torch_dtype).removeprefix("torch."),
                         attention=backend, quantize=quant, decode=decode_desc,
-                        load_seconds=time.perf_counter() - started, context_length=config.n_positions)
+                        load_seconds=time.perf_counter() - started, context_length=config.n_positions,
+                        prompt=prompt_desc)
         return cls(net, tokenizer, info, cores=cores)
 
     @property
@@ -258,6 +262,8 @@ def describe_model(model: str, *, device: str | None = None, dtype: str | None =
         "device": str(dev),
         "dtype": str(torch_dtype).removeprefix("torch."),
         "attention": select_backend(attention, dev, torch_dtype),
+        "prompt": (prompt_gemm.choose(config.n_embd, config.inner_dim).description
+                   if quantize == "int8" and dev.type == "cpu" else prompt_gemm.describe_float(dev, torch_dtype)),
         "decode": native.describe(dev),
         "speculation": _describe_speculation(speculate, config, dev, torch_dtype, quantize),
     }

@@ -30,12 +30,43 @@ from torch import Tensor, nn
 
 from santacli.errors import BackendError
 from santacli.model import Block, GPTBigCode, KVCache
+from santacli.quantize import Int8Linear
 
 DECODE_MODES = ("auto", "native", "pytorch")
 
 SOURCE = Path(__file__).parent / "kernels" / "decode.c"
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC",
-         "-std=c11")
+FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+# The instruction set the kernel is built for: this CPU's (``native``), or a lower one so that one
+# machine can run the code paths of others (``SANTA_NATIVE_ISA=avx2``: x86-64-v3, i.e. AVX2 + FMA
+# + F16C without AVX-512 or VNNI, what most laptops and cloud VMs have; ``generic``: plain C).
+ISA_FLAGS = {"native": ("-march=native",), "avx2": ("-march=x86-64-v3", "-mtune=native"),
+             "generic": ("-march=x86-64", "-mtune=native")}
+# What a forced-AVX2 run also sets for PyTorch (before it is imported): its ATen kernels, oneDNN
+# and MKL then stay within AVX2 too (benchmarks/decode.py --isa avx2, the tests).
+TORCH_ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+                 "generic": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",
+                             "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}}
+
+
+def forced_isa_env(isa: str) -> dict[str, str]:
+    """Environment variables that make a fresh process run as on a CPU with only ``isa``."""
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"unknown instruction set {isa!r}; choose one of {', '.join(ISA_FLAGS)}")
+    return {"SANTA_NATIVE_ISA": isa, **TORCH_ISA_ENV.get(isa, {})}
+
+
+def requested_isa() -> str:
+    """``SANTA_NATIVE_ISA`` (default ``native``).
+
+    Raises:
+        BackendError: an unknown value.
+    """
+    isa = os.environ.get("SANTA_NATIVE_ISA", "native").strip().lower() or "native"
+    if isa not in ISA_FLAGS:
+        raise BackendError(f"SANTA_NATIVE_ISA={isa!r} is not one of {', '.join(ISA_FLAGS)}")
+    return isa
+
+
 _TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}
 _ACTIVATIONS = {"gelu_pytorch_tanh": 0, "gelu_new": 0, "gelu_fast": 1, "gelu": 2, "relu": 3, "silu": 4, "tanh": 5}
 
@@ -74,7 +105,7 @@ _lock = threading.Lock()
 _loaded: tuple[ctypes.CDLL | None, NativeStatus] | None = None
 
 
-def _cpu_signature() -> str:
+def cpu_signature() -> str:
     """What -march=native depends on: the CPU model and its feature flags."""
     try:
         info = Path("/proc/cpuinfo").read_text(errors="replace")
@@ -91,7 +122,7 @@ def _compiler() -> str | None:
     return None
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
     import platformdirs
 
     return platformdirs.user_cache_path("santacli") / "kernels"
@@ -100,8 +131,8 @@ def _cache_dir() -> Path:
 def _build(cc: str, flags: tuple[str, ...]) -> Path:
     """Compile decode.c unless a build for this source, compiler, flags and CPU is cached."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *flags, _cpu_signature()]).encode())
-    target = _cache_dir() / f"decode-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *flags, cpu_signature()]).encode())
+    target = cache_dir() / f"decode-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -133,30 +164,37 @@ def _try_load() -> tuple[ctypes.CDLL | None, NativeStatus]:
         return None, NativeStatus(False, "disabled by SANTA_NATIVE=0")
     try:
         lib, path = load_library()
-    except (OSError, subprocess.SubprocessError) as exc:
+    except (OSError, subprocess.SubprocessError, BackendError) as exc:
         return None, NativeStatus(False, str(exc))
     lanes = lib.santa_simd_width()
-    isa = {16: "avx512", 8: "avx2"}.get(lanes, "plain C")
+    isa = cast(bytes, lib.santa_prompt_isa()).decode()  # names VNNI too: the int8 kernels use it
     return lib, NativeStatus(True, f"{isa} ({lanes} lanes), {path}")
 
 
-def load_library(extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL, Path]:
-    """Build (or find in the cache) and load the kernel; ``extra_flags`` (e.g. ``-mno-avx512f``)
-    select another instruction set, which the tests use to check every code path.
+def load_library(extra_flags: tuple[str, ...] = (), isa: str | None = None) -> tuple[ctypes.CDLL, Path]:
+    """Build (or find in the cache) and load the kernel for ``isa`` (default: ``SANTA_NATIVE_ISA``,
+    else this CPU's); ``extra_flags`` (e.g. ``-mno-avx512f``) narrow it further, which the tests
+    use to check every code path.
 
     Raises:
         OSError: no compiler, or the build failed.
+        BackendError: an unknown ``SANTA_NATIVE_ISA``.
     """
     cc = _compiler()
     if cc is None:
         raise OSError("no C compiler found; set CC")
-    path = _build(cc, FLAGS + extra_flags)
+    path = _build(cc, FLAGS + ISA_FLAGS[isa or requested_isa()] + extra_flags)
     lib = ctypes.CDLL(str(path))
     lib.santa_decode.argtypes = [ctypes.POINTER(_Model), _P, _I64, _I64, _I64, _P, _P, ctypes.c_int32]
     lib.santa_decode.restype = None
     lib.santa_workspace_floats.argtypes = [ctypes.POINTER(_Model), _I64]
     lib.santa_workspace_floats.restype = _I64
     lib.santa_simd_width.restype = ctypes.c_int32
+    lib.santa_linear_i8_prompt.argtypes = [ctypes.POINTER(_Linear), _P, _I64, _P, _P, ctypes.c_int32]
+    lib.santa_linear_i8_prompt.restype = ctypes.c_int32
+    lib.santa_prompt_workspace_bytes.argtypes = [_I64, _I64]
+    lib.santa_prompt_workspace_bytes.restype = _I64
+    lib.santa_prompt_isa.restype = ctypes.c_char_p
     return lib, path
 
 
@@ -251,6 +289,33 @@ class NativeDecoder:
         self._lib.santa_decode(ctypes.byref(m), ids64.data_ptr(), B, T, start_pos, logits.data_ptr(),
                                work.data_ptr(), torch.get_num_threads())
         return logits
+
+
+class NativeInt8Gemm:
+    """The prompt passes of an int8 model in C (``santa_linear_i8_prompt``): a quantize.Int8Gemm."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._lib = lib
+        self.isa = cast(bytes, lib.santa_prompt_isa()).decode()
+
+    def __call__(self, layer: Int8Linear, x: Tensor) -> Tensor:
+        M, K = x.shape
+        x = x.contiguous()
+        bias = layer.bias.data_ptr() if layer.bias is not None else None
+        desc = _Linear(layer.weight.data_ptr(), layer.scale.data_ptr(), layer.row_sum.data_ptr(), bias,
+                       layer.out_features, K, _TYPES[torch.int8], 0)
+        y = torch.empty((M, layer.out_features), dtype=torch.float32)
+        work = torch.empty(self._lib.santa_prompt_workspace_bytes(M, K), dtype=torch.uint8)
+        if self._lib.santa_linear_i8_prompt(ctypes.byref(desc), x.data_ptr(), M, y.data_ptr(), work.data_ptr(),
+                                            torch.get_num_threads()) != 0:
+            raise MemoryError("the native int8 GEMM could not allocate its weight buffers")
+        return y
+
+
+def int8_gemm() -> NativeInt8Gemm | None:
+    """The native prompt GEMM for int8 models, or None where the kernel does not build."""
+    lib, _ = _load()
+    return None if lib is None else NativeInt8Gemm(lib)
 
 
 def describe(device: torch.device) -> str:

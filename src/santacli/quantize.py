@@ -6,14 +6,17 @@ rows (Int8Embedding); the position embedding stays fp32.
 One copy of those weights serves both phases:
 
 * prompts (compute-bound) quantize their activations per token to int8 (absmax/127, round half
-  to even) and use PyTorch's int8 x int8 -> int32 matmul (``torch._int_mm``), measured 1.85x
-  faster than the fp32 GEMM at 1,024 x 2,048 x 8,192 on a 2-core AVX-512 CPU;
+  to even) and multiply with an int8 GEMM; which one (santa's native kernel, PyTorch's
+  ``torch._int_mm`` or the BLAS GEMM on the int8 values) is measured per CPU by
+  prompt_gemm.py. Every one computes the same exact int32 sums;
 * one-token decode steps (memory-bound, a quarter of fp32's bytes) run in the native kernel
   (native.py), which quantizes each token's activations the same way, so its int32 sums equal
   the prompt path's. Without the native kernel, decode steps take the prompt path too.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +60,58 @@ def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return q, scale, row_sum
 
 
+def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(int8 rows, fp32 scale per row (M, 1)) of fp32 ``x`` (M, K): absmax/127 per row, round half
+    to even; all-zero rows get a harmless scale. The native kernel's quantize_row does the same."""
+    x_scale = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
+    return (x / x_scale).round_().to(torch.int8), x_scale
+
+
+def _finish(sums: Tensor, x_scale: Tensor, layer: Int8Linear) -> Tensor:
+    """fp32 outputs from exact sums, in place and in the native kernel's order
+    ((sum * x_scale) * scale + bias): prompt-sized temporaries are tens of MB each."""
+    y = sums.float().mul_(x_scale).mul_(layer.scale)
+    if layer.bias is not None:
+        y.add_(layer.bias)
+    return y
+
+
+def torch_int_mm_gemm(layer: Int8Linear, x: Tensor) -> Tensor:
+    """``torch._int_mm`` (oneDNN): fast on CPUs with VNNI. Without VNNI PyTorch may run a slow
+    reference loop, or oneDNN's AVX2 kernel, whose 16-bit pair sums saturate: prompt_gemm.py
+    checks exactness before it ever picks this."""
+    xq, x_scale = quantize_activations(x)
+    return _finish(torch._int_mm(xq, layer.weight.t()), x_scale, layer)
+
+
+# fp32 holds every integer up to 2^24 exactly: K-chunks of 1,024 products of |q| <= 127 stay
+# below it (1024 * 127^2 < 2^24), so each chunk's sums from the BLAS GEMM are exact.
+_EXACT_CHUNK = 1024
+_TILE_ROWS = 1024  # weight rows widened at a time: 4 MB of fp32 per chunk
+
+
+def blas_gemm(layer: Int8Linear, x: Tensor) -> Tensor:
+    """The int8 values as fp32 through the BLAS GEMM, in K-chunks short enough to stay exact
+    (chunk sums added in fp64, exact too): needs no VNNI and no compiler."""
+    xq, x_scale = quantize_activations(x)
+    xf = xq.float()
+    K, N = layer.in_features, layer.out_features
+    sums = torch.zeros((x.shape[0], N), dtype=torch.float64)
+    buf = torch.empty((min(N, _TILE_ROWS), min(K, _EXACT_CHUNK)), dtype=torch.float32)
+    for n0 in range(0, N, _TILE_ROWS):
+        n1 = min(N, n0 + _TILE_ROWS)
+        for k0 in range(0, K, _EXACT_CHUNK):
+            k1 = min(K, k0 + _EXACT_CHUNK)
+            w = buf[: n1 - n0, : k1 - k0]
+            w.copy_(layer.weight[n0:n1, k0:k1])
+            sums[:, n0:n1] += xf[:, k0:k1] @ w.t()
+    return _finish(sums, x_scale, layer)
+
+
+Int8Gemm = Callable[["Int8Linear", Tensor], Tensor]
+GEMMS: dict[str, Int8Gemm] = {"torch": torch_int_mm_gemm, "blas": blas_gemm}
+
+
 class Int8Linear(nn.Module):
     """A linear layer with int8 weights (rows = output channels) and per-row fp32 scales."""
 
@@ -64,9 +119,11 @@ class Int8Linear(nn.Module):
     scale: Tensor  # (out,) fp32
     row_sum: Tensor  # (out,) int32: the VNNI kernel feeds activations offset by +128 and subtracts 128 * this
     bias: Tensor | None  # (out,) fp32
+    gemm: Int8Gemm  # how prompt passes multiply (prompt_gemm.py chooses one per CPU at load)
 
     def __init__(self, weight: Tensor, scale: Tensor, row_sum: Tensor, bias: Tensor | None) -> None:
         super().__init__()
+        self.gemm = blas_gemm
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
@@ -81,15 +138,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).float()
-        # Per-token symmetric activation scales; all-zero rows get a harmless scale.
-        x_scale = x2.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
-        xq = (x2 / x_scale).round_().to(torch.int8)
-        # In place, in the native kernel's order ((sum * x_scale) * scale + bias): prompt-sized
-        # temporaries are tens of MB each.
-        y = torch._int_mm(xq, self.weight.t()).float().mul_(x_scale).mul_(self.scale)
-        if self.bias is not None:
-            y.add_(self.bias)
+        y = self.gemm(self, x.reshape(-1, self.in_features).float())
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -845,5 +845,185 @@ void santa_decode(const Model *m, const int64_t *ids, int64_t B, int64_t T, int6
     linear(&m->lm_head, h, d, logits, m->vocab, R, A_NONE, 0, threads);
 }
 
+/* ---------------------------------------------------------------------------------------- */
+/* Prompt passes of int8 models: y[M, N] = (Xq Wq^T) * x_scale * w_scale + bias for M tokens at
+ * once, a GEMM. PyTorch's int8 GEMM (torch._int_mm) is fast only where it finds VNNI; on
+ * AVX2-only CPUs a 128-token prompt took 15x fp32's time. Here the activations are quantized
+ * per row exactly as quantize.Int8Linear does and the int32 sums are exact, so the result is
+ * bit for bit what every other int8 path computes; which path runs is measured per CPU
+ * (santacli/prompt_gemm.py).
+ *
+ * Blocking: a thread takes a group of weight rows, packs them once (widened to int16 where the
+ * multiply is pmaddwd, zero-padded to whole vectors and whole panels) into a buffer that stays
+ * in L2, then sweeps every block of G_MR token rows over the group's panels of G_NR rows: the
+ * token rows stay in L1 while the panels stream from L2, and each loaded vector feeds G_MR or
+ * G_NR products.                                                                             */
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+/* vpdpbusd: unsigned x signed bytes, 64 products a step; x is fed as x + 128 (see dot_i8). */
+#define G_ISA "avx512-vnni"
+#define G_KSTEP 64
+#define G_MR 4
+#define G_X_OFFSET 128
+typedef uint8_t gx_t;
+typedef int8_t gw_t;
+typedef __m512i gacc;
+ALWAYS_INLINE gacc g_zero(void) { return _mm512_setzero_si512(); }
+ALWAYS_INLINE gacc g_load(const void *p) { return _mm512_loadu_si512(p); }
+ALWAYS_INLINE gacc g_mac(gacc acc, gacc x, gacc w) { return _mm512_dpbusd_epi32(acc, x, w); }
+ALWAYS_INLINE int32_t g_sum(gacc a) { return _mm512_reduce_add_epi32(a); }
+#elif defined(__AVX512BW__)
+/* pmaddwd on int16 pairs: exact, since |x|, |w| <= 127 keep each pair sum far from overflow. */
+#define G_ISA "avx512"
+#define G_KSTEP 32
+#define G_MR 4
+#define G_X_OFFSET 0
+typedef int16_t gx_t;
+typedef int16_t gw_t;
+typedef __m512i gacc;
+ALWAYS_INLINE gacc g_zero(void) { return _mm512_setzero_si512(); }
+ALWAYS_INLINE gacc g_load(const void *p) { return _mm512_loadu_si512(p); }
+ALWAYS_INLINE gacc g_mac(gacc acc, gacc x, gacc w) { return _mm512_add_epi32(acc, _mm512_madd_epi16(x, w)); }
+ALWAYS_INLINE int32_t g_sum(gacc a) { return _mm512_reduce_add_epi32(a); }
+#elif defined(__AVX2__)
+#define G_ISA "avx2"
+#define G_KSTEP 16
+#define G_MR 2  /* 2 x 4 accumulators + 4 weight vectors + temporaries fit AVX2's 16 registers */
+#define G_X_OFFSET 0
+typedef int16_t gx_t;
+typedef int16_t gw_t;
+typedef __m256i gacc;
+ALWAYS_INLINE gacc g_zero(void) { return _mm256_setzero_si256(); }
+ALWAYS_INLINE gacc g_load(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+ALWAYS_INLINE gacc g_mac(gacc acc, gacc x, gacc w) { return _mm256_add_epi32(acc, _mm256_madd_epi16(x, w)); }
+ALWAYS_INLINE int32_t g_sum(gacc a) {
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+    return _mm_cvtsi128_si32(s4);
+}
+#else
+#define G_ISA "plain C"
+#define G_KSTEP 1
+#define G_MR 4
+#define G_X_OFFSET 0
+typedef int8_t gx_t;
+typedef int8_t gw_t;
+typedef int32_t gacc;
+ALWAYS_INLINE gacc g_zero(void) { return 0; }
+ALWAYS_INLINE gacc g_load(const void *p) { return *(const int8_t *)p; }
+ALWAYS_INLINE gacc g_mac(gacc acc, gacc x, gacc w) { return acc + x * w; }
+ALWAYS_INLINE int32_t g_sum(gacc a) { return a; }
+#endif
+#define G_NR 4
+#define G_STEP_BYTES (G_KSTEP * (int64_t)sizeof(gx_t))  /* one vector of gx_t */
+#define G_GROUP_BYTES (256 * 1024)  /* a thread's packed weight rows: an L2's worth */
+
+/* The int32 sums of MR token rows (xp, kp apart) x G_NR packed weight rows (wp, kp apart). */
+ALWAYS_INLINE void g_tile(const gx_t *xp, const gw_t *wp, int64_t kp, const int MR, int32_t out[G_MR][G_NR]) {
+    gacc acc[G_MR][G_NR];
+    for (int m = 0; m < MR; m++) for (int r = 0; r < G_NR; r++) acc[m][r] = g_zero();
+    for (int64_t k = 0; k < kp; k += G_KSTEP) {
+        gacc wv[G_NR];
+        for (int r = 0; r < G_NR; r++) {
+            wv[r] = g_load(wp + r * kp + k);
+#if defined(__AVX2__) || defined(__AVX512F__)
+            __asm__("" : "+v"(wv[r]));  /* as in i8_rows: keep the weights in registers */
+#endif
+        }
+        for (int m = 0; m < MR; m++) {
+            const gacc xv = g_load(xp + m * kp + k);
+            for (int r = 0; r < G_NR; r++) acc[m][r] = g_mac(acc[m][r], xv, wv[r]);
+        }
+    }
+    for (int m = 0; m < MR; m++) for (int r = 0; r < G_NR; r++) out[m][r] = g_sum(acc[m][r]);
+}
+
+static void g_tile_any(const gx_t *xp, const gw_t *wp, int64_t kp, int64_t mr, int32_t out[G_MR][G_NR]) {
+    switch (mr) {
+    case 1: g_tile(xp, wp, kp, 1, out); break;
+    case 2: g_tile(xp, wp, kp, 2 < G_MR ? 2 : G_MR, out); break;
+    case 3: g_tile(xp, wp, kp, 3 < G_MR ? 3 : G_MR, out); break;
+    default: g_tile(xp, wp, kp, G_MR, out); break;
+    }
+}
+
+/* Weight rows [n0, n0 + rows) into whole zero-padded panels of G_NR rows x kp. */
+static void g_pack_weights(const int8_t *W, int64_t K, int64_t n0, int64_t rows, int64_t kp, gw_t *wp) {
+    const int64_t padded = (rows + G_NR - 1) / G_NR * G_NR;
+    for (int64_t r = 0; r < padded; r++) {
+        gw_t *dst = wp + r * kp;
+        const int8_t *src = W + (n0 + r) * K;
+        const int64_t n = r < rows ? K : 0;
+        for (int64_t k = 0; k < n; k++) dst[k] = (gw_t)src[k];
+        for (int64_t k = n; k < kp; k++) dst[k] = 0;
+    }
+}
+
+/* The fp32 work space santa_linear_i8_prompt needs, in bytes (the caller allocates it once). */
+int64_t santa_prompt_workspace_bytes(int64_t M, int64_t K) {
+    const int64_t kp = (K + G_KSTEP - 1) / G_KSTEP * G_KSTEP;
+    return M * kp * (int64_t)sizeof(gx_t) + M * (int64_t)sizeof(float) + M * K + 64;
+}
+
+/* Returns 0, or -1 when a weight buffer could not be allocated (y is then incomplete). */
+int32_t santa_linear_i8_prompt(const Linear *L, const float *x, int64_t M, float *y, void *work, int32_t threads) {
+    const int64_t K = L->cols, N = L->rows, kp = (K + G_KSTEP - 1) / G_KSTEP * G_KSTEP;
+    gx_t *xp = (gx_t *)work;
+    float *xs = (float *)(xp + M * kp);
+    int8_t *q = (int8_t *)(xs + M);
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t m = 0; m < M; m++) {
+        xs[m] = quantize_row(x + m * K, K, q + m * K);
+        gx_t *dst = xp + m * kp;
+        for (int64_t k = 0; k < K; k++) dst[k] = (gx_t)((int32_t)q[m * K + k] + G_X_OFFSET);
+        for (int64_t k = K; k < kp; k++) dst[k] = (gx_t)G_X_OFFSET;  /* meets zero weights */
+    }
+    int64_t group = G_GROUP_BYTES / (G_NR * kp * (int64_t)sizeof(gw_t)) * G_NR;
+    if (group < G_NR) group = G_NR;
+    /* Enough groups for every thread, where the rows allow. */
+    while (group > G_NR && (N + group - 1) / group < 4 * threads) group -= G_NR;
+    const int64_t groups = (N + group - 1) / group;
+    const int8_t *W = (const int8_t *)L->weight;
+    int32_t failed = 0;
+    #pragma omp parallel num_threads(threads)
+    {
+        gw_t *wp = aligned_alloc(64, (size_t)((group * kp * (int64_t)sizeof(gw_t) + 63) / 64 * 64));
+        if (!wp) {
+            #pragma omp atomic write
+            failed = -1;
+        }
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t g = 0; g < groups; g++) {
+            if (!wp) continue;
+            const int64_t n0 = g * group, rows = n0 + group < N ? group : N - n0;
+            g_pack_weights(W, K, n0, rows, kp, wp);
+            for (int64_t m0 = 0; m0 < M; m0 += G_MR) {
+                const int64_t mr = M - m0 < G_MR ? M - m0 : G_MR;
+                for (int64_t p = 0; p < rows; p += G_NR) {
+                    int32_t s[G_MR][G_NR];
+                    g_tile_any(xp + m0 * kp, wp + p * kp, kp, mr, s);
+                    const int64_t nr = rows - p < G_NR ? rows - p : G_NR;
+                    for (int64_t m = 0; m < mr; m++) {
+                        float *ym = y + (m0 + m) * N;
+                        for (int64_t r = 0; r < nr; r++) {
+                            const int64_t n = n0 + p + r;
+                            const int32_t sum = G_X_OFFSET ? s[m][r] - G_X_OFFSET * L->wsum[n] : s[m][r];
+                            float v = (float)sum * xs[m0 + m] * L->scale[n];
+                            if (L->bias) v += L->bias[n];
+                            ym[n] = v;
+                        }
+                    }
+                }
+            }
+        }
+        free(wp);
+    }
+    return failed;
+}
+
+/* The instruction set of the prompt GEMM above, for `santa info`. */
+const char *santa_prompt_isa(void) { return G_ISA; }
+
 /* The SIMD width this build uses (16: AVX-512, 8: AVX2, 1: plain C), for `santa info`. */
 int32_t santa_simd_width(void) { return VW; }
