@@ -8,10 +8,18 @@ repeats (``for rep: for engine:``), medians reported:
 
 * ``santa`` fp32 / bf16 / int8 (``Engine.load(..., dtype=...)`` / ``quantize="int8"``),
 * ``transformers`` fp32 / bf16 (``GPTBigCodeForCausalLM``, SDPA attention, ``model.generate``),
-* ``ctranslate2`` fp32 / int8 and ``llama.cpp`` when importable (otherwise a note),
+* ``ctranslate2`` fp32 / int8 and ``llama.cpp`` (Python binding) when importable (otherwise a note),
+* ``llamabench`` f32 / f16 / Q8_0 / Q4_0: llama.cpp's own ``llama-bench`` binary on the same
+  weights as GGUF files (built by ``benchmarks/build_llama_bench.sh``),
 * a memory-read bandwidth probe (``t.sum()`` over a 1 GiB fp32 tensor, best of several, plus
   fp32/bf16 GEMV probes) and the decode ceilings it implies: bytes of weights read per token /
   bandwidth, for 4-, 2- and 1-byte weights.
+
+With ``--isa native,avx2`` every santa and llamabench engine runs once per instruction set per
+repeat (rows ``santa-int8@avx2``, ``llamabench-q8_0@avx2``, ...): santa children get
+``santacli.native.forced_isa_env("avx2")`` in their environment, llamabench uses the AVX2-only
+build. Per ISA the run prints issue 19's targets (santa int8 TTFT <= fp32's; int8 decode >= 1.3x
+llama.cpp Q8_0; bf16 decode >= llama.cpp F16) with PASS/MISS.
 
 Per engine: decode tokens/s (the 63 steps after the first token of a 64-token greedy generation
 after a random 128-token prompt), time to first token of that prompt, prefill seconds for random
@@ -23,6 +31,8 @@ table per shape with santa/peer ratios, and writes ``benchmarks/results/decode.j
     .venv/bin/python benchmarks/decode.py --quick               # smoke run: tiny shape, few tokens
     .venv/bin/python benchmarks/decode.py --shapes tiny_starcoder --reps 5
     .venv/bin/python benchmarks/decode.py --reps 2 --prefill-reps 1 --deadline 17:15
+    .venv/bin/python benchmarks/decode.py --quick --isa native,avx2 \
+        --engines santa-fp32,santa-bf16,santa-int8,llamabench-f16,llamabench-q8_0
 
 See benchmarks/README.md for what is comparable between rows.
 """
@@ -79,8 +89,29 @@ ENGINES: dict[str, tuple[str, str, float]] = {
     "llamacpp-f16": ("llama.cpp", "f16", 2),
     "llamacpp-q8_0": ("llama.cpp", "q8_0", 1.0625),
     "llamacpp-q4_0": ("llama.cpp", "q4_0", 0.5625),
+    # The same GGUF files through llama.cpp's C++ ``llama-bench`` (no Python binding in the loop,
+    # which costs the binding 10-20% per token): what llama.cpp's own numbers are quoted from.
+    "llamabench-f32": ("llama-bench", "f32", 4),
+    "llamabench-f16": ("llama-bench", "f16", 2),
+    "llamabench-q8_0": ("llama-bench", "q8_0", 1.0625),
+    "llamabench-q4_0": ("llama-bench", "q4_0", 0.5625),
 }
 DEFAULT_ENGINES = list(ENGINES)
+GGUF_FAMILIES = ("llama.cpp", "llama-bench")
+# Families whose rows are repeated per --isa: santa (forced through environment variables) and
+# llama-bench (a separate build per ISA). The others always run natively.
+ISA_FAMILIES = ("santa", "llama-bench")
+ISAS = ("native", "avx2")
+LLAMA_BUILD_DIR = RESULTS_DIR / "llama.cpp"
+# CPU flags that decide which kernels run (printed in the header; /proc/cpuinfo spelling).
+CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8")
+# Issue 19's done-when, per ISA: (label, numerator, denominator, metric, target, higher is better).
+# "ttft" compares times (int8 / fp32: <= 1 passes), "decode" tokens/s (santa / llama.cpp).
+TARGETS: list[tuple[str, str, str, str, float, bool]] = [
+    ("santa int8 TTFT / santa fp32 TTFT", "santa-int8", "santa-fp32", "ttft", 1.0, False),
+    ("santa int8 decode / llama.cpp Q8_0 decode", "santa-int8", "llamabench-q8_0", "decode", 1.3, True),
+    ("santa bf16 decode / llama.cpp F16 decode", "santa-bf16", "llamabench-f16", "decode", 1.0, True),
+]
 
 SANTA_SPECIALS = ["<|endoftext|>", "<fim-prefix>", "<fim-middle>", "<fim-suffix>", "<fim-pad>"]
 
@@ -353,10 +384,17 @@ def child_santa(spec: dict[str, Any]) -> dict[str, Any]:
 
     # Warm-up: one short generation (first-call allocations, oneDNN kernel selection).
     list(first_step(_prompt(16, 99, high), 4)[2])
+    # Which kernels ran: the one-token step (native C kernel and its ISA, or PyTorch), the int8
+    # prompt GEMM (LoadInfo.prompt, absent in older checkouts), and what ATen dispatched to, which
+    # shows whether a forced ISA reached PyTorch.
+    cpu_capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: None)()
     res: dict[str, Any] = {"load_s": load_s, "weights_bytes": weights, "rss_base": rss_base,
                            "rss_loaded": rss_loaded, "peak_rss_loaded": peak_loaded,
                            "info": {"dtype": engine.info.dtype, "attention": engine.info.attention,
-                                    "decode": getattr(engine.info, "decode", "pytorch")}}
+                                    "decode": getattr(engine.info, "decode", "pytorch"),
+                                    "prompt": getattr(engine.info, "prompt", None),
+                                    "isa": os.environ.get("SANTA_NATIVE_ISA", "native"),
+                                    "aten_cpu_capability": cpu_capability}}
     _time_stream(spec, res, first_step, lambda step: step[0], high, "santa")
     return res
 
@@ -474,6 +512,66 @@ def child_gguf_quantize(spec: dict[str, Any]) -> dict[str, Any]:
     return {"convert_s": time.perf_counter() - t0}
 
 
+def _llama_bench(binary: str, args: list[str]) -> tuple[list[dict[str, Any]], float]:
+    """Run ``llama-bench ... -o json``: its result records and the wall seconds of the run."""
+    t = time.perf_counter()
+    proc = subprocess.run([binary, *args, "-o", "json"], capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"llama-bench exit {proc.returncode}: " + " | ".join(tail))
+    # stdout is the JSON array; logs go to stderr, but be lenient about anything before it.
+    out = proc.stdout
+    return json.loads(out[out.index("["):]), wall
+
+
+def child_llamabench(spec: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's C++ ``llama-bench`` on one GGUF file, in two invocations:
+
+    * ``-p PROMPT[,PREFILL...] -n 0``: prompt processing at an empty context; first-token time
+      = PROMPT / pp t/s (one batched forward over the prompt, as santa's first step),
+      prefill N s = N / ppN t/s;
+    * ``-p 0 -n NEW-1 -d PROMPT``: token generation after a PROMPT-token context (llama-bench
+      fills it untimed), i.e. decode steps at positions PROMPT..PROMPT+NEW-2, the same positions
+      as the other engines' steps 2..NEW; decode tok/s = tg t/s.
+
+    llama-bench warms up once per test and repeats ``-r`` times; its mean t/s is used. Peak RSS is
+    the largest of the two llama-bench processes (RUSAGE_CHILDREN), the mapped GGUF included.
+    """
+    import resource
+
+    common = ["-m", spec["gguf"], "-t", str(spec["threads"]), "-r", str(spec["bench_reps"])]
+    res: dict[str, Any] = {"weights_bytes": Path(spec["gguf"]).stat().st_size, "rss_base": 0,
+                           "load_s": None, "rss_loaded": None, "peak_rss_loaded": None}
+    records: list[dict[str, Any]] = []
+    lengths = [n for n in dict.fromkeys([spec["prompt"], *spec["prefill"]]) if n > 0]
+    if spec.get("decode", True) or spec["prefill"]:
+        pp, wall = _llama_bench(spec["binary"], [*common, "-p", ",".join(map(str, lengths)), "-n", "0"])
+        records += pp
+        res["pp_wall_s"] = wall
+        by_len = {r["n_prompt"]: r for r in pp if r.get("n_gen") == 0}
+        for n in spec["prefill"]:
+            res[f"prefill_{n}_s"] = n / by_len[n]["avg_ts"]
+        res["ttft_s"] = spec["prompt"] / by_len[spec["prompt"]]["avg_ts"]
+    if spec.get("decode", True):
+        steps = spec["new"] - 1
+        tg, wall = _llama_bench(spec["binary"], [*common, "-p", "0", "-n", str(steps), "-d", str(spec["prompt"])])
+        records += tg
+        res["tg_wall_s"] = wall
+        rec = next(r for r in tg if r.get("n_gen") == steps)
+        res.update(decode_tps=rec["avg_ts"], decode_s=steps / rec["avg_ts"])
+    res["peak_rss"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    first = records[0] if records else {}
+    res["info"] = {"binary": spec["binary"], "build_commit": first.get("build_commit"),
+                   "build_number": first.get("build_number"), "cpu_info": first.get("cpu_info"),
+                   "backends": first.get("backends"), "type": first.get("model_type"),
+                   "n_batch": first.get("n_batch"), "n_ubatch": first.get("n_ubatch"),
+                   "flash_attn": first.get("flash_attn")}
+    res["llama_bench"] = [{k: r.get(k) for k in ("n_prompt", "n_gen", "n_depth", "avg_ts", "stddev_ts",
+                                                 "samples_ts")} for r in records]
+    return res
+
+
 def child_llamacpp(spec: dict[str, Any]) -> dict[str, Any]:
     import llama_cpp
     from tokenizers import Tokenizer
@@ -508,7 +606,8 @@ def run_child(spec: dict[str, Any]) -> None:
     kind = spec["kind"]
     fn = {"membw": child_membw, "santa": child_santa, "transformers": child_hf,
           "ct2-convert": child_ct2_convert, "ctranslate2": child_ct2,
-          "gguf-quantize": child_gguf_quantize, "llama.cpp": child_llamacpp}[kind]
+          "gguf-quantize": child_gguf_quantize, "llama.cpp": child_llamacpp,
+          "llama-bench": child_llamabench}[kind]
     out = fn(spec)
     print(RESULT_TAG + json.dumps(out), flush=True)
 
@@ -517,9 +616,15 @@ def run_child(spec: dict[str, Any]) -> None:
 # Parent side
 
 
-def spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Run one child; its JSON result, or {"error": ...}."""
-    env = dict(os.environ)
+ISA_ENV_KEYS = ("SANTA_NATIVE_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def spawn(spec: dict[str, Any], timeout: float, isa_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one child; its JSON result, or {"error": ...}. ``isa_env`` (``forced_isa_env(...)``)
+    goes into the child's environment, so it is in place before the child imports torch; without
+    it any such variables inherited from this shell are removed, so a native row is native."""
+    env = {k: v for k, v in os.environ.items() if k not in ISA_ENV_KEYS}
+    env.update(isa_env or {})
     threads = str(spec.get("threads", 2))
     env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
@@ -569,21 +674,29 @@ def gguf_staging_folder(folder: Path) -> Path | None:
     return staging
 
 
-def probe_gguf_convert(folder: Path, kind: str, threads: int, converter: Path, notes: list[str]) -> Path | None:
+def probe_gguf_convert(folder: Path, kind: str, threads: int, converter: Path, notes: list[str],
+                       quantizer: Path | None = None) -> Path | None:
     """``folder/gguf/model-<kind>.gguf``: f32/f16/q8_0 from llama.cpp's convert_hf_to_gguf.py,
-    q4_0 quantized from the f16 file by llama.cpp itself."""
+    q4_0 quantized from the f16 file by llama.cpp itself: its ``llama-quantize`` binary when
+    ``quantizer`` is given, else through the Python binding."""
     out = folder / "gguf" / f"model-{kind}.gguf"
     if out.is_file():
         return out
     out.parent.mkdir(exist_ok=True)
     started = time.perf_counter()
+    error: str | None
     if kind == "q4_0":
         src = probe_gguf_convert(folder, "f16", threads, converter, notes)
         if src is None:
             return None
-        res = spawn({"kind": "gguf-quantize", "src": str(src), "out": str(out) + ".tmp", "threads": threads},
-                    timeout=1800)
-        error = res.get("error")
+        if quantizer is not None:
+            proc = subprocess.run([str(quantizer), str(src), str(out) + ".tmp", "Q4_0", str(threads)],
+                                  capture_output=True, text=True, timeout=1800)
+            error = None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
+        else:
+            res = spawn({"kind": "gguf-quantize", "src": str(src), "out": str(out) + ".tmp", "threads": threads},
+                        timeout=1800)
+            error = res.get("error")
     else:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
         source = folder
@@ -610,31 +723,63 @@ def probe_gguf_convert(folder: Path, kind: str, threads: int, converter: Path, n
     return out
 
 
-def available_engines(wanted: list[str], converter: Path | None = None) -> tuple[list[str], dict[str, str]]:
-    """The engines that can run here, and why the others cannot."""
+def converted(label: str, ct2_paths: dict[str, Path], gguf_paths: dict[str, Path]) -> bool:
+    """Whether the model files a row needs exist (CTranslate2 folder, GGUF file of its type)."""
+    family, dtype, _ = ENGINES[base_engine(label)]
+    return (family != "ctranslate2" or label in ct2_paths) and (family not in GGUF_FAMILIES or dtype in gguf_paths)
+
+
+def base_engine(label: str) -> str:
+    """``santa-int8@avx2`` -> ``santa-int8``."""
+    return label.split("@", 1)[0]
+
+
+def label_isa(label: str) -> str:
+    """The instruction set a row ran with: ``santa-int8@avx2`` -> ``avx2``; untagged rows are native."""
+    return label.split("@", 1)[1] if "@" in label else "native"
+
+
+def engine_label(name: str, isa: str, tagged: bool) -> str:
+    """Row name: ISA-dependent engines get ``@isa`` when more than the native ISA is requested
+    (a plain ``--isa native`` run keeps the old names)."""
+    return f"{name}@{isa}" if tagged and ENGINES[name][0] in ISA_FAMILIES else name
+
+
+def available_engines(wanted: list[str], converter: Path | None = None, isas: tuple[str, ...] = ("native",),
+                      bench_bins: dict[str, Path] | None = None) -> tuple[list[str], dict[str, str]]:
+    """The rows that can run here (engines labelled per ISA), and why the others cannot."""
     import inspect
 
     sys.path.insert(0, str(ROOT / "src"))
     from santacli import Engine
 
+    tagged = tuple(isas) != ("native",)
+    no_converter = ("not run: needs llama.cpp's convert_hf_to_gguf.py (--llama-cpp-src DIR: the "
+                    "vendor/llama.cpp folder of the llama-cpp-python sdist)")
     out, missing = [], {}
     for name in wanted:
         family = ENGINES[name][0]
+        labels = [engine_label(name, isa, tagged) for isa in (isas if family in ISA_FAMILIES else ("native",))]
+        why: str | None = None
         if name == "santa-int8" and "quantize" not in inspect.signature(Engine.load).parameters:
-            missing[name] = "skipped: Engine.load() has no quantize= keyword in this checkout"
+            why = "skipped: Engine.load() has no quantize= keyword in this checkout"
         elif family == "ctranslate2" and importlib.util.find_spec("ctranslate2") is None:
-            missing[name] = "not installed (pip install ctranslate2: a manylinux x86_64 wheel exists)"
-        elif family == "llama.cpp":
-            if importlib.util.find_spec("llama_cpp") is None:
-                missing[name] = ("not installed: llama-cpp-python has no binary wheel on PyPI for this platform; "
-                                 "build it from source (see benchmarks/README.md)")
-            elif converter is None or not converter.is_file():
-                missing[name] = ("not run: needs llama.cpp's convert_hf_to_gguf.py (--llama-cpp-src DIR: "
-                                 "the vendor/llama.cpp folder of the llama-cpp-python sdist)")
+            why = "not installed (pip install ctranslate2: a manylinux x86_64 wheel exists)"
+        elif family == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
+            why = ("not installed: llama-cpp-python has no binary wheel on PyPI for this platform; "
+                   "build it from source (see benchmarks/README.md)")
+        elif family in GGUF_FAMILIES and (converter is None or not converter.is_file()):
+            why = no_converter
+        if why is not None:
+            missing.update(dict.fromkeys(labels, why))
+            continue
+        for label in labels:
+            binary = (bench_bins or {}).get(label_isa(label))
+            if family == "llama-bench" and (binary is None or not binary.is_file()):
+                missing[label] = (f"not run: no llama-bench binary at {binary} (build it with "
+                                  "benchmarks/build_llama_bench.sh, or pass --llama-bench-" + label_isa(label) + ")")
             else:
-                out.append(name)
-        else:
-            out.append(name)
+                out.append(label)
     return out, missing
 
 
@@ -648,7 +793,7 @@ def summarize(shape_res: dict[str, Any], engines: list[str], prefill: list[int])
     per_token = shape_res["params"]["per_token"]
     summary: dict[str, Any] = {}
     ref_name, ref = None, None
-    for cand in ("hf-fp32", "santa-fp32"):
+    for cand in ("hf-fp32", "santa-fp32", "santa-fp32@native", "santa-fp32@avx2"):
         ref = next((r["tokens"] for r in shape_res["runs"] if r["engine"] == cand and r.get("tokens")), None)
         if ref:
             ref_name = cand
@@ -657,7 +802,8 @@ def summarize(shape_res: dict[str, Any], engines: list[str], prefill: list[int])
     for name in engines:
         runs = [r for r in shape_res["runs"] if r["engine"] == name and "error" not in r and "skipped" not in r]
         bad = [r for r in shape_res["runs"] if r["engine"] == name and ("error" in r or "skipped" in r)]
-        entry: dict[str, Any] = {"family": ENGINES[name][0], "dtype": ENGINES[name][1], "n": len(runs)}
+        base = ENGINES[base_engine(name)]
+        entry: dict[str, Any] = {"family": base[0], "dtype": base[1], "isa": label_isa(name), "n": len(runs)}
         if bad and not runs:
             entry["problem"] = bad[-1].get("error") or bad[-1].get("skipped")
         for key in ["decode_tps", "ttft_s", "load_s", "peak_rss", "rss_base", "rss_loaded", "peak_rss_loaded",
@@ -670,11 +816,14 @@ def summarize(shape_res: dict[str, Any], engines: list[str], prefill: list[int])
             same = next((i for i, (x, y) in pairs if x != y), min(len(tokens), len(ref)))
             entry["greedy_agree"] = f"{same}/{len(ref)}"
         tps = entry["decode_tps"]
-        ceiling = bw * 1e9 / (per_token * ENGINES[name][2]) if bw else None
+        ceiling = bw * 1e9 / (per_token * base[2]) if bw else None
         entry["ceiling_tps"] = ceiling
         entry["pct_of_ceiling"] = 100 * tps / ceiling if tps and ceiling else None
         if entry["peak_rss"] and entry["weights_bytes"]:
             entry["rss_over_weights"] = entry["peak_rss"] / entry["weights_bytes"]
+        info = next((r["info"] for r in runs if r.get("info")), None)
+        if info is not None:
+            entry["info"] = info
         summary[name] = entry
     return summary
 
@@ -690,19 +839,38 @@ RATIOS = [  # (label, numerator engine, denominator engine)
     ("santa bf16 / llama.cpp f16", "santa-bf16", "llamacpp-f16"),
     ("santa int8 / llama.cpp Q8_0", "santa-int8", "llamacpp-q8_0"),
     ("santa int8 / llama.cpp Q4_0", "santa-int8", "llamacpp-q4_0"),
+    ("santa fp32 / llama-bench f32", "santa-fp32", "llamabench-f32"),
+    ("santa bf16 / llama-bench f16", "santa-bf16", "llamabench-f16"),
+    ("santa int8 / llama-bench Q8_0", "santa-int8", "llamabench-q8_0"),
+    ("santa int8 / llama-bench Q4_0", "santa-int8", "llamabench-q4_0"),
+    ("santa int8 / santa fp32", "santa-int8", "santa-fp32"),
     ("santa fp32: native / PyTorch decode", "santa-fp32", "santa-fp32-pt"),
     ("santa bf16: native / PyTorch decode", "santa-bf16", "santa-bf16-pt"),
 ]
 
 
-def ratios(summary: dict[str, Any], prefill: list[int]) -> list[dict[str, Any]]:
-    """Speed-ups of santa over a peer (>1: santa faster): decode tok/s ratio, prefill time ratio."""
+def resolve(name: str, isa: str, summary: dict[str, Any]) -> str | None:
+    """The row of engine ``name`` for ``isa``: its ``@isa`` row for ISA-dependent engines; an
+    untagged row (always native) only for the native ISA, so AVX2 tables never mix in native
+    peers."""
+    for cand in (f"{name}@{isa}", name):
+        if cand in summary and label_isa(cand) == isa:
+            return cand
+    return None
+
+
+def ratios(summary: dict[str, Any], prefill: list[int], isas: list[str] | None = None) -> list[dict[str, Any]]:
+    """Speed-ups of santa over a peer (>1: santa faster): decode tok/s ratio, prefill time ratio;
+    per ISA, both sides of a row run with that ISA."""
     out = []
-    for label, a, b in RATIOS:
-        if a not in summary or b not in summary:
+    isas = isas or ["native"]
+    tagged = isas != ["native"]
+    for isa, (label, name_a, name_b) in itertools.product(isas, RATIOS):
+        a, b = resolve(name_a, isa, summary), resolve(name_b, isa, summary)
+        if a is None or b is None or summary[a].get("problem") or summary[b].get("problem"):
             continue
         sa, sb = summary[a], summary[b]
-        row: dict[str, Any] = {"label": label, "a": a, "b": b}
+        row: dict[str, Any] = {"label": f"{label} @{isa}" if tagged else label, "a": a, "b": b, "isa": isa}
         row["decode"] = sa["decode_tps"] / sb["decode_tps"] if sa["decode_tps"] and sb["decode_tps"] else None
         row["ttft"] = sb["ttft_s"] / sa["ttft_s"] if sa["ttft_s"] and sb["ttft_s"] else None
         for n in prefill:
@@ -713,8 +881,37 @@ def ratios(summary: dict[str, Any], prefill: list[int]) -> list[dict[str, Any]]:
     return out
 
 
+def targets(summary: dict[str, Any], isas: list[str]) -> list[dict[str, Any]]:
+    """Issue 19's done-when per ISA: the ratio, its target and PASS/MISS (None when a side is missing)."""
+    out = []
+    for isa, (label, name_a, name_b, metric, target, higher) in itertools.product(isas, TARGETS):
+        a, b = resolve(name_a, isa, summary), resolve(name_b, isa, summary)
+        key = "decode_tps" if metric == "decode" else "ttft_s"
+        x = summary[a].get(key) if a else None
+        y = summary[b].get(key) if b else None
+        value = x / y if x and y else None
+        ok = None if value is None else (value >= target if higher else value <= target)
+        out.append({"isa": isa, "label": label, "a": a or name_a, "b": b or name_b, "metric": metric,
+                    "value": value, "target": target, "op": ">=" if higher else "<=", "pass": ok})
+    return out
+
+
 def fmt(x: float | None, spec: str, suffix: str = "") -> str:
     return "-" if x is None else format(x, spec) + suffix
+
+
+def kernels(entry: dict[str, Any]) -> str | None:
+    """One line on the kernels a row used (santa: LoadInfo.decode / .prompt and ATen's dispatch;
+    llama-bench: the binary's build and backends)."""
+    info = entry.get("info") or {}
+    if entry["family"] == "santa":
+        prompt = info.get("prompt") or "(LoadInfo.prompt not reported by this checkout)"
+        return (f"decode: {info.get('decode')}; prompt: {prompt}; SANTA_NATIVE_ISA={info.get('isa')}, "
+                f"ATen CPU capability {info.get('aten_cpu_capability')}")
+    if entry["family"] == "llama-bench":
+        return (f"{info.get('binary')} (commit {info.get('build_commit')}, backends {info.get('backends')}, "
+                f"flash_attn {info.get('flash_attn')}, batch {info.get('n_batch')}/{info.get('n_ubatch')})")
+    return None
 
 
 def table(name: str, shape_res: dict[str, Any], prefill: list[int]) -> str:
@@ -748,6 +945,11 @@ def table(name: str, shape_res: dict[str, Any], prefill: list[int]) -> str:
                                           for i, (c, w) in enumerate(zip(r, widths, strict=False)))
     lines += [render(head), "   " + "-" * (sum(widths) + 2 * (len(widths) - 1))] + [render(r) for r in rows]
     lines += [f"   {e.ljust(widths[0])}  {d.ljust(widths[1])}  {why}" for e, d, why in problems]
+    kernel_lines = [(eng, kernels(s)) for eng, s in summary.items() if not s.get("problem")]
+    kernel_lines = [(eng, k) for eng, k in kernel_lines if k]
+    if kernel_lines:
+        w = max(len(e) for e, _ in kernel_lines)
+        lines += ["   kernels:"] + [f"     {e.ljust(w)}  {k}" for e, k in kernel_lines]
     if shape_res.get("agreement_reference"):
         lines.append(f"   same tokens: greedy tokens equal to {shape_res['agreement_reference']}'s before the "
                      "first difference (random weights give near-flat logits, so 16-bit/int8 rows diverge early)")
@@ -762,6 +964,15 @@ def table(name: str, shape_res: dict[str, Any], prefill: list[int]) -> str:
         rr = lambda r: "   " + "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
                                            for i, (c, w) in enumerate(zip(r, rw, strict=False)))
         lines += ["", rr(rhead)] + [rr(r) for r in rrows]
+    tg = shape_res.get("targets") or []
+    if tg:
+        lines += ["", f"   issue 19 targets (prompt {shape_res['prompt']} tokens; decode = llama-bench tg t/s, "
+                      f"llama.cpp TTFT = prompt / pp t/s):"]
+        w = max(len(t["label"]) for t in tg)
+        for t in tg:
+            verdict = "n/a " if t["pass"] is None else ("PASS" if t["pass"] else "MISS")
+            lines.append(f"   [{t['isa']:>6}] {t['label'].ljust(w)}  {fmt(t['value'], '.2f').rjust(5)}  "
+                         f"(target {t['op']} {t['target']:g})  {verdict}   {t['a']} vs {t['b']}")
     return "\n".join(lines)
 
 
@@ -798,6 +1009,53 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def cpu_model_and_flags() -> tuple[str, set[str]]:
+    """The CPU's model name and feature flags, from /proc/cpuinfo."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+    except OSError:
+        return platform.processor() or platform.machine(), set()
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
+    flags = next((set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith("flags")), set())
+    return model, flags
+
+
+def llama_source() -> Path | None:
+    """The llama.cpp source folder that build_llama_bench.sh built from, if it still exists."""
+    version = LLAMA_BUILD_DIR / "VERSION"
+    if version.is_file():
+        for line in version.read_text().splitlines():
+            if line.startswith("source: ") and Path(line[8:]).is_dir():
+                return Path(line[8:])
+    return None
+
+
+def llama_build_info(binary: Path) -> dict[str, Any]:
+    """What build_llama_bench.sh recorded next to a llama-bench binary (``<out>/<isa>/bin/``)."""
+    variant = binary.parent.parent
+    version_file, flags_file = variant.parent / "VERSION", variant / "arch_flags.txt"
+    fields = {}
+    if version_file.is_file():
+        fields = dict(ln.split(": ", 1) for ln in version_file.read_text().splitlines() if ": " in ln)
+    version = ", ".join(f"{k} {v}" for k, v in fields.items() if k in ("llama.cpp commit", "llama-cpp-python sdist"))
+    return {"binary": str(binary), "exists": binary.is_file(), "version": version or "unknown version",
+            "arch_flags": flags_file.read_text().strip() if flags_file.is_file() else None, **fields}
+
+
+def warm_santa_kernels(isas: list[str], notes: list[str]) -> None:
+    """Compile santa's native kernel for each ISA before measuring (it is cached per CPU and flags),
+    so the first repeat's load time is not a compile."""
+    try:
+        from santacli.native import load_library
+    except ImportError:
+        return
+    for isa in isas:
+        try:
+            load_library(isa=isa)
+        except Exception as exc:  # the children will report it properly
+            notes.append(f"santa native kernel for {isa} did not build ahead of the run: {exc}")
+
+
 def past(deadline: dt.datetime | None) -> bool:
     return deadline is not None and dt.datetime.now(dt.timezone.utc) >= deadline
 
@@ -821,8 +1079,19 @@ def main() -> None:
                         help="UTC time after which no new measurement starts (partial results are kept)")
     parser.add_argument("--prepare", action="store_true",
                         help="only build the checkpoints (and ctranslate2 conversions), measure nothing")
-    parser.add_argument("--llama-cpp-src", type=Path, default=os.environ.get("LLAMA_CPP_SRC"),
-                        help="llama.cpp source folder with convert_hf_to_gguf.py (for the llama.cpp engines)")
+    parser.add_argument("--llama-cpp-src", type=Path, default=os.environ.get("LLAMA_CPP_SRC") or llama_source(),
+                        help="llama.cpp source folder with convert_hf_to_gguf.py (for the llama.cpp and "
+                             "llamabench engines; default: LLAMA_CPP_SRC, else the source that "
+                             "build_llama_bench.sh recorded)")
+    parser.add_argument("--isa", default="native",
+                        help="comma list of instruction sets for santa and llama-bench rows: native, avx2 "
+                             "(avx2: santa forced through SANTA_NATIVE_ISA & co., llama-bench's AVX2-only build)")
+    parser.add_argument("--llama-bench-native", type=Path, default=LLAMA_BUILD_DIR / "native" / "bin" / "llama-bench",
+                        help="llama-bench built with -DGGML_NATIVE=ON (default: build_llama_bench.sh's output)")
+    parser.add_argument("--llama-bench-avx2", type=Path, default=LLAMA_BUILD_DIR / "avx2" / "bin" / "llama-bench",
+                        help="llama-bench built for AVX2 only (default: build_llama_bench.sh's output)")
+    parser.add_argument("--llama-bench-reps", type=int, default=None,
+                        help="llama-bench's own -r per child (default 3; --quick 2)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--markdown", type=Path, metavar="JSON", help="print README tables of a finished run")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -837,9 +1106,23 @@ def main() -> None:
     if args.quick:
         args.shapes = args.shapes or "tiny_starcoder"
         args.reps = args.reps or 1
+        args.llama_bench_reps = args.llama_bench_reps or 2
         args.prompt, args.new, args.prefill = 64, 16, "128,256"
         args.membw_gib = min(args.membw_gib, 0.25)
     args.reps = args.reps or 3
+    args.llama_bench_reps = args.llama_bench_reps or 3
+    isas = [x for x in args.isa.split(",") if x]
+    if not isas or any(x not in ISAS for x in isas) or len(set(isas)) != len(isas):
+        parser.error(f"--isa: a comma list of {', '.join(ISAS)}")
+    isa_env: dict[str, dict[str, str]] = {"native": {}}
+    if "avx2" in isas:
+        sys.path.insert(0, str(ROOT / "src"))
+        try:
+            from santacli.native import forced_isa_env
+        except ImportError:
+            parser.error("--isa avx2 needs santacli.native.forced_isa_env (not in this checkout)")
+        isa_env["avx2"] = forced_isa_env("avx2")
+    bench_bins = {"native": args.llama_bench_native.resolve(), "avx2": args.llama_bench_avx2.resolve()}
     shapes = (args.shapes or ",".join(SHAPES)).split(",")
     for s in shapes:
         if s not in SHAPES:
@@ -868,18 +1151,31 @@ def main() -> None:
     for mod in ("ctranslate2", "llama_cpp"):
         if importlib.util.find_spec(mod) is not None:
             versions[mod] = getattr(__import__(mod), "__version__", "?")
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    print(f"command: {command}")
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    print(f"machine: {cpu}, {os.cpu_count()} logical CPUs, {args.threads} threads per engine; "
-          f"started {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC", flush=True)
+    cpu, flags = cpu_model_and_flags()
+    bench_wanted = any(ENGINES[e][0] == "llama-bench" for e in wanted)
+    llama_builds = {isa: llama_build_info(bench_bins[isa]) for isa in isas} if bench_wanted else {}
+    if llama_builds:
+        versions["llama.cpp"] = "; ".join(f"{isa}: {b['version']}" for isa, b in llama_builds.items())
+    header = [f"command: {command}",
+              "versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+              f"machine: {cpu}, {os.cpu_count()} logical CPUs, {args.threads} threads per engine",
+              "cpu flags: " + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FLAGS),
+              f"isa: {', '.join(isas)}" + ("; avx2 = santa children with " + " ".join(
+                  f"{k}={v}" for k, v in isa_env["avx2"].items()) if "avx2" in isas else "")]
+    header += [f"llama-bench {isa}: {b['binary']} ({b['version']}; compiled with {b['arch_flags'] or '?'})"
+               for isa, b in llama_builds.items()]
+    print("\n".join(header))
+    print(f"started {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC", flush=True)
 
     notes: list[str] = []
     converter = args.llama_cpp_src / "convert_hf_to_gguf.py" if args.llama_cpp_src else None
-    engines, missing = available_engines(wanted, converter)
+    quantizer = next((b.parent / "llama-quantize" for b in bench_bins.values()
+                      if (b.parent / "llama-quantize").is_file()), None)
+    engines, missing = available_engines(wanted, converter, tuple(isas), bench_bins)
     notes.extend(f"{name}: {why}" for name, why in missing.items())
-    report: dict[str, Any] = {"command": command, "versions": versions, "cpu": cpu, "cpus": os.cpu_count(),
+    report: dict[str, Any] = {"command": command, "versions": versions, "cpu": cpu, "cpu_flags":
+                              {f: f in flags for f in CPU_FLAGS}, "isas": isas, "isa_env": isa_env,
+                              "llama_builds": llama_builds, "cpus": os.cpu_count(),
                               "threads": args.threads, "started": dt.datetime.now(dt.timezone.utc).isoformat(),
                               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                        if k != "child"},
@@ -896,25 +1192,27 @@ def main() -> None:
         print(f"\n[{name}] checkpoint", flush=True)
         folder = build_checkpoint(name)
         ct2_paths: dict[str, Path] = {}
-        for eng in [e for e in engines if ENGINES[e][0] == "ctranslate2"]:
+        for eng in [e for e in engines if ENGINES[base_engine(e)][0] == "ctranslate2"]:
             path = probe_ct2_convert(folder, ENGINES[eng][1], args.threads, notes)
             if path is not None:
                 ct2_paths[eng] = path
-        gguf_paths: dict[str, Path] = {}
-        for eng in [e for e in engines if ENGINES[e][0] == "llama.cpp"]:
+        gguf_paths: dict[str, Path] = {}  # by GGUF type, shared by the binding and llama-bench rows
+        for kind in dict.fromkeys(ENGINES[base_engine(e)][1] for e in engines
+                                  if ENGINES[base_engine(e)][0] in GGUF_FAMILIES):
             assert converter is not None
-            path = probe_gguf_convert(folder, ENGINES[eng][1], args.threads, converter, notes)
+            path = probe_gguf_convert(folder, kind, args.threads, converter, notes, quantizer)
             if path is not None:
-                gguf_paths[eng] = path
+                gguf_paths[kind] = path
         setups[name] = {"folder": folder, "ct2": ct2_paths, "gguf": gguf_paths,
-                        "engines": [e for e in engines if (ENGINES[e][0] != "ctranslate2" or e in ct2_paths)
-                                    and (ENGINES[e][0] != "llama.cpp" or e in gguf_paths)]}
+                        "engines": [e for e in engines if converted(e, ct2_paths, gguf_paths)]}
         report["shapes"][name] = {"folder": str(folder), "shape": SHAPES[name], "params": param_counts(SHAPES[name]),
                                   "prompt": args.prompt, "new": args.new, "threads": args.threads,
                                   "prefill_lengths": prefill, "bandwidth": {}, "runs": []}
     if args.prepare:
         print("\n".join(notes))
         return
+    if any(ENGINES[base_engine(e)][0] == "santa" for e in engines):
+        warm_santa_kernels(isas, notes)
 
     # Interleaved: every repeat runs every shape and engine once, so a deadline cuts repeats, not rows.
     report["loadavg_start"] = os.getloadavg()
@@ -941,27 +1239,32 @@ def main() -> None:
                                  f"repeat {rep + 1} not run")
                     stop = True
                     break
-                family, dtype, _ = ENGINES[eng]
-                lengths = [n for n in prefill if (eng, str(n)) not in skip_prefill
-                           and (name, eng, str(n)) not in skip_prefill] if rep < prefill_reps else []
+                base = base_engine(eng)
+                family, dtype, _ = ENGINES[base]
+                lengths = [n for n in prefill if not {(e, str(n)) for e in (eng, base)} & skip_prefill
+                           and not {(name, e, str(n)) for e in (eng, base)} & skip_prefill] \
+                    if rep < prefill_reps else []
                 lengths = [n for n in lengths if n + 1 <= shape["n_positions"]]
                 spec = {"kind": family, "path": str(setup["folder"]), "dtype": dtype, "threads": args.threads,
                         "prompt": args.prompt, "new": args.new, "prefill": lengths, "seed": 0,
-                        "decode": "pytorch" if eng.endswith("-pt") else "auto"}
+                        "decode": "pytorch" if base.endswith("-pt") else "auto"}
+                isa = label_isa(eng)
                 if family == "ctranslate2":
-                    spec.update(ct2_path=str(setup["ct2"][eng]), compute_type=dtype)
-                elif family == "llama.cpp":
-                    spec.update(gguf=str(setup["gguf"][eng]))
-                res = spawn(spec, timeout=1800)
-                res.update(engine=eng, rep=rep)
+                    spec.update(ct2_path=str(setup["ct2"][base]), compute_type=dtype)
+                elif family in GGUF_FAMILIES:
+                    spec.update(gguf=str(setup["gguf"][dtype]))
+                if family == "llama-bench":
+                    spec.update(binary=str(bench_bins[isa]), bench_reps=args.llama_bench_reps)
+                res = spawn(spec, timeout=1800, isa_env=isa_env[isa] if family == "santa" else None)
+                res.update(engine=eng, isa=isa, rep=rep)
                 shape_res["runs"].append(res)
                 if "error" in res or "skipped" in res:
-                    print(f"  {eng:<11} {res.get('error') or res.get('skipped')}", flush=True)
+                    print(f"  {eng:<22} {res.get('error') or res.get('skipped')}", flush=True)
                 else:
                     pre = ", ".join(f"prefill {n} {res[f'prefill_{n}_s']:.2f} s" for n in lengths)
-                    print(f"  {eng:<11} decode {res.get('decode_tps', 0):.2f} tok/s, "
-                          f"ttft {res.get('ttft_s', 0):.2f} s{', ' + pre if pre else ''}, "
-                          f"peak RSS {res['peak_rss'] / 1e9:.2f} GB, load {res['load_s']:.1f} s "
+                    print(f"  {eng:<22} decode {res.get('decode_tps', 0):.2f} tok/s, "
+                          f"ttft {res.get('ttft_s', 0):.3f} s{', ' + pre if pre else ''}, "
+                          f"peak RSS {res['peak_rss'] / 1e9:.2f} GB, load {fmt(res.get('load_s'), '.1f')} s "
                           f"({res['child_wall_s']:.0f} s wall)", flush=True)
                 save()
             if stop:
@@ -982,19 +1285,20 @@ def main() -> None:
         shape_res["ceilings"] = ({f"{label}": bw * 1e9 / (params["per_token"] * b) for label, b in
                                   (("fp32", 4), ("16-bit", 2), ("int8", 1))} if bw else {})
         shape_res["summary"] = summarize(shape_res, setups[name]["engines"], prefill)
-        shape_res["ratios"] = ratios(shape_res["summary"], prefill)
+        shape_res["ratios"] = ratios(shape_res["summary"], prefill, isas)
+        shape_res["targets"] = targets(shape_res["summary"], isas)
         for eng, why in missing.items():
-            shape_res["summary"][eng] = {"family": ENGINES[eng][0], "dtype": ENGINES[eng][1], "n": 0,
+            shape_res["summary"][eng] = {"family": ENGINES[base_engine(eng)][0],
+                                         "dtype": ENGINES[base_engine(eng)][1], "isa": label_isa(eng), "n": 0,
                                          "problem": why}
         tables.append(table(name, shape_res, prefill))
     save()
 
     print("\n" + "=" * 100)
-    print(f"command: {command}")
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    print(f"machine: {cpu}, {os.cpu_count()} logical CPUs, {args.threads} threads per engine; medians of "
-          f"up to {args.reps} interleaved repeats (n: how many ran; prefill: first {min(prefill_reps, args.reps)}), "
-          "fresh process each")
+    print("\n".join(header))
+    print(f"medians of up to {args.reps} interleaved repeats (n: how many ran; prefill: first "
+          f"{min(prefill_reps, args.reps)}), fresh process each; llama-bench: mean of its -r "
+          f"{args.llama_bench_reps} per child")
     for t in tables:
         print("\n" + t)
     if notes:

@@ -43,7 +43,8 @@ ISA_FLAGS = {"native": ("-march=native",), "avx2": ("-march=x86-64-v3", "-mtune=
              "generic": ("-march=x86-64", "-mtune=native")}
 # What a forced-AVX2 run also sets for PyTorch (before it is imported): its ATen kernels, oneDNN
 # and MKL then stay within AVX2 too (benchmarks/decode.py --isa avx2, the tests).
-TORCH_ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+TORCH_ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                          "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
                  "generic": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",
                              "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}}
 
