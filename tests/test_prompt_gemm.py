@@ -187,3 +187,16 @@ def test_forced_avx2_runs_the_avx2_paths(tmp_path, tokenizer):
     assert out["DECODE"].startswith("native avx2 (8 lanes)")
     assert "avx2" in out["PROMPT"] or out["PROMPT"].startswith("blas")
     assert float(out["DIFF"]) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_weight_quantization_equals_pytorchs(dtype):
+    g = torch.Generator().manual_seed(4)
+    weight = torch.randn((67, 300), generator=g) * 0.05
+    weight[3] = 0.0  # an all-zero row: the 1e-12 floor
+    weight[5, :8] = torch.tensor([2.54, -2.54, 1.27, 0.635, -0.635, 0.0, 3.81, -1.905])  # halves: ties to even
+    weight = weight.to(dtype)
+    expected = quantize_rows(weight)
+    got = native.quantize_rows(weight)
+    for a, b in zip(got, expected, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -7,6 +7,7 @@ warm prompt cache.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -91,7 +92,8 @@ class Engine:
             )
         int8 = quant == "int8"
         net = weights.load_model(folder, config, device=dev, dtype=torch_dtype, backend=backend,
-                                 convert_linear=int8_linear if int8 else None,
+                                 convert_linear=functools.partial(int8_linear, quantizer=native.quantize_rows)
+                                 if int8 else None,
                                  tied_embedding=int8_embedding if int8 else None)
         decode_desc = native.attach(net, decode)
         prompt_desc = prompt_gemm.choose_for_model(net) if int8 else prompt_gemm.describe_float(dev, torch_dtype)

@@ -28,6 +28,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
+from santacli import quantize
 from santacli.errors import BackendError
 from santacli.model import Block, GPTBigCode, KVCache
 from santacli.quantize import Int8Linear
@@ -196,6 +197,8 @@ def load_library(extra_flags: tuple[str, ...] = (), isa: str | None = None) -> t
     lib.santa_prompt_workspace_bytes.argtypes = [_I64, _I64]
     lib.santa_prompt_workspace_bytes.restype = _I64
     lib.santa_prompt_isa.restype = ctypes.c_char_p
+    lib.santa_quantize_rows.argtypes = [_P, ctypes.c_int32, _I64, _I64, _P, _P, _P, ctypes.c_int32]
+    lib.santa_quantize_rows.restype = None
     return lib, path
 
 
@@ -317,6 +320,22 @@ def int8_gemm() -> NativeInt8Gemm | None:
     """The native prompt GEMM for int8 models, or None where the kernel does not build."""
     lib, _ = _load()
     return None if lib is None else NativeInt8Gemm(lib)
+
+
+def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """quantize.quantize_rows in one pass per row in C (the same values, bit for bit); falls back
+    to PyTorch where the kernel does not build."""
+    lib, _ = _load()
+    if lib is None or weight.dtype not in (torch.float32, torch.bfloat16, torch.float16) or weight.dim() != 2:
+        return quantize.quantize_rows(weight)
+    weight = weight.detach().contiguous()
+    rows, cols = weight.shape
+    q = torch.empty((rows, cols), dtype=torch.int8)
+    scale = torch.empty(rows, dtype=torch.float32)
+    row_sum = torch.empty(rows, dtype=torch.int32)
+    lib.santa_quantize_rows(weight.data_ptr(), _TYPES[weight.dtype], rows, cols, q.data_ptr(), scale.data_ptr(),
+                            row_sum.data_ptr(), torch.get_num_threads())
+    return q, scale, row_sum
 
 
 def describe(device: torch.device) -> str:

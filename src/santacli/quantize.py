@@ -109,6 +109,7 @@ def blas_gemm(layer: Int8Linear, x: Tensor) -> Tensor:
 
 
 Int8Gemm = Callable[["Int8Linear", Tensor], Tensor]
+RowQuantizer = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
 GEMMS: dict[str, Int8Gemm] = {"torch": torch_int_mm_gemm, "blas": blas_gemm}
 
 
@@ -131,8 +132,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        q, scale, row_sum = quantize_rows(linear.weight.detach())
+    def from_linear(cls, linear: nn.Linear, quantizer: RowQuantizer | None = None) -> Int8Linear:
+        q, scale, row_sum = (quantizer or quantize_rows)(linear.weight.detach())
         bias = None if linear.bias is None else linear.bias.detach().float().clone()
         return cls(q, scale, row_sum, bias)
 
@@ -163,9 +164,10 @@ class Int8Embedding(nn.Module):
         return self.weight[ids].float() * self.scale[ids].unsqueeze(-1)
 
 
-def int8_linear(linear: nn.Linear) -> nn.Module:
-    """``linear`` with int8 weights and per-output-channel scales."""
-    return Int8Linear.from_linear(linear)
+def int8_linear(linear: nn.Linear, quantizer: RowQuantizer | None = None) -> nn.Module:
+    """``linear`` with int8 weights and per-output-channel scales (``quantizer``: another
+    implementation of :func:`quantize_rows`, e.g. native.quantize_rows)."""
+    return Int8Linear.from_linear(linear, quantizer)
 
 
 def int8_embedding(head: nn.Module) -> nn.Module:

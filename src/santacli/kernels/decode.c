@@ -374,17 +374,25 @@ ALWAYS_INLINE void i8_rows(const int8_t *w0, int64_t K, const int8_t *xq, const 
 }
 #define I8_ROWS_OK(K) ((K) % 64 == 0)
 #elif defined(__AVX2__)
+/* pmaddubsw multiplies unsigned by signed bytes into 16-bit pair sums: feed |w| and x with w's
+ * sign (|w| * sign(w) x = w x). With |x|, |w| <= 127 a pair sum stays <= 32,258, short of
+ * saturating, so the sums are exact; 32 products take 4 instructions where widening both
+ * operands to 16 bits took twice as many. */
 ALWAYS_INLINE void i8_rows(const int8_t *w0, int64_t K, const int8_t *xq, const int32_t *wsum, const int NB,
                            int32_t s[XB][4]) {
     (void)wsum;
+    const __m256i ones = _mm256_set1_epi16(1);
     __m256i acc[XB][4];
     for (int bb = 0; bb < NB; bb++) for (int r = 0; r < 4; r++) acc[bb][r] = _mm256_setzero_si256();
-    for (int64_t i = 0; i < K; i += 16) {
-        __m256i wv[4];
-        for (int r = 0; r < 4; r++) wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w0 + r * K + i)));
-        for (int bb = 0; bb < NB; bb++) {
-            const __m256i xv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(xq + bb * K + i)));
-            for (int r = 0; r < 4; r++) acc[bb][r] = _mm256_add_epi32(acc[bb][r], _mm256_madd_epi16(wv[r], xv));
+    for (int64_t i = 0; i < K; i += 32) {
+        prefetch_next_block(w0, 4 * K, 4 * i, 128);
+        for (int r = 0; r < 4; r++) {
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(w0 + r * K + i));
+            const __m256i aw = _mm256_abs_epi8(wv);
+            for (int bb = 0; bb < NB; bb++) {
+                const __m256i xv = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq + bb * K + i)), wv);
+                acc[bb][r] = _mm256_add_epi32(acc[bb][r], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xv), ones));
+            }
         }
     }
     for (int bb = 0; bb < NB; bb++)
@@ -395,7 +403,7 @@ ALWAYS_INLINE void i8_rows(const int8_t *w0, int64_t K, const int8_t *xq, const 
             s[bb][r] = _mm_cvtsi128_si32(s4);
         }
 }
-#define I8_ROWS_OK(K) ((K) % 16 == 0)
+#define I8_ROWS_OK(K) ((K) % 32 == 0)
 #else
 ALWAYS_INLINE void i8_rows(const int8_t *w0, int64_t K, const int8_t *xq, const int32_t *wsum, const int NB,
                            int32_t s[XB][4]) {
@@ -436,37 +444,50 @@ static void linear_i8(const Linear *L, const float *x, int64_t x_stride, float *
     }
 }
 
-#if defined(__AVX512F__)
-/* bf16 rows without shuffles: 32 bf16 loaded as 16 u32 lanes hold the even elements in their
+#if VW > 1
+/* bf16 rows without shuffles: 2 * VW bf16 loaded as VW u32 lanes hold the even elements in their
  * low halves and the odd ones in their high halves, so `<< 16` and `& 0xFFFF0000` turn them into
- * two fp32 vectors; x is split into matching even/odd halves once per call. */
+ * two fp32 vectors; x is split into matching even/odd halves once per call. Per weight this is
+ * half the instructions of widening 16-bit lanes one by one (vload), which left AVX2 bf16
+ * decoding behind llama.cpp's f16. */
 #define HAVE_BF16_PAIRS 1
+#define BF16_CHUNK (2 * VW)
 static void split_even_odd(const float *x, int64_t K, float *xp) {
-    for (int64_t c = 0; c < K; c += 32)
-        for (int64_t j = 0; j < 16; j++) { xp[c + j] = x[c + 2 * j]; xp[c + 16 + j] = x[c + 2 * j + 1]; }
+    for (int64_t c = 0; c < K; c += BF16_CHUNK)
+        for (int64_t j = 0; j < VW; j++) { xp[c + j] = x[c + 2 * j]; xp[c + VW + j] = x[c + 2 * j + 1]; }
+}
+
+ALWAYS_INLINE void bf16_pair(const uint16_t *p, vf *lo, vf *hi) {
+#if defined(__AVX512F__)
+    const __m512i wv = _mm512_loadu_si512(p);
+    *lo = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
+    *hi = _mm512_castsi512_ps(_mm512_and_si512(wv, _mm512_set1_epi32((int)0xFFFF0000u)));
+#else
+    const __m256i wv = _mm256_loadu_si256((const __m256i *)p);
+    *lo = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
+    *hi = _mm256_castsi256_ps(_mm256_and_si256(wv, _mm256_set1_epi32((int)0xFFFF0000u)));
+#endif
 }
 
 /* `rows` (<= 4) bf16 weight rows x NB split activation rows (K apart). */
 ALWAYS_INLINE void bf16_rows(const uint16_t *w0, int64_t rows, int64_t K, const float *xp, const int NB,
                              float s[XB][4]) {
-    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
-    __m512 acc[XB][4];
-    for (int bb = 0; bb < NB; bb++) for (int r = 0; r < 4; r++) acc[bb][r] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < K; i += 32) {
-        prefetch_next_block(w0, rows * K * 2, rows * i * 2, rows * 64);
+    vf acc[XB][4];
+    for (int bb = 0; bb < NB; bb++) for (int r = 0; r < 4; r++) acc[bb][r] = vzero();
+    for (int64_t i = 0; i < K; i += BF16_CHUNK) {
+        prefetch_next_block(w0, rows * K * 2, rows * i * 2, rows * BF16_CHUNK * 2);
         for (int r = 0; r < 4; r++) {
             if (r >= rows) break;
-            const __m512i wv = _mm512_loadu_si512(w0 + r * K + i);
-            const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
-            const __m512 hi = _mm512_castsi512_ps(_mm512_and_si512(wv, high));
+            vf lo, hi;
+            bf16_pair(w0 + r * K + i, &lo, &hi);
             for (int bb = 0; bb < NB; bb++) {
-                acc[bb][r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp + bb * K + i), acc[bb][r]);
-                acc[bb][r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp + bb * K + i + 16), acc[bb][r]);
+                acc[bb][r] = vfma(lo, vload(xp + bb * K + i, T_F32, 0), acc[bb][r]);
+                acc[bb][r] = vfma(hi, vload(xp + bb * K + i + VW, T_F32, 0), acc[bb][r]);
             }
         }
     }
     for (int bb = 0; bb < NB; bb++)
-        for (int r = 0; r < rows; r++) s[bb][r] = _mm512_reduce_add_ps(acc[bb][r]);
+        for (int r = 0; r < rows; r++) s[bb][r] = vsum(acc[bb][r]);
 }
 
 static void linear_bf16(const Linear *L, const float *x, int64_t x_stride, float *y, int64_t y_stride,
@@ -489,6 +510,7 @@ static void linear_bf16(const Linear *L, const float *x, int64_t x_stride, float
 }
 #else
 #define HAVE_BF16_PAIRS 0
+#define BF16_CHUNK 1
 #endif
 
 /* 4 weight rows of wtype (K apart) x NB fp32 activation rows (x_stride apart). */
@@ -535,7 +557,7 @@ static void linear_rows(const Linear *L, const float *x, int64_t x_stride, float
         return;
     }
 #if HAVE_BF16_PAIRS
-    if (L->wtype == T_BF16 && K % 32 == 0) {
+    if (L->wtype == T_BF16 && K % BF16_CHUNK == 0) {
         float *xp = malloc((size_t)(B * K) * sizeof(float));
         if (xp) linear_bf16(L, x, x_stride, y, y_stride, B, act, accumulate, threads, xp);
         free(xp);
@@ -1020,6 +1042,42 @@ int32_t santa_linear_i8_prompt(const Linear *L, const float *x, int64_t M, float
         free(wp);
     }
     return failed;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Loading an int8 model: each weight row to int8 with scale absmax/127 (round half to even,
+ * clamped to +-127) and the sum of its int8 values, exactly as quantize.quantize_rows does in
+ * PyTorch, where seven tensor passes per chunk made quantizing most of an int8 load (and slower
+ * still with AVX2 kernels). One pass per row here, the rows split between threads.           */
+
+#define QUANTIZE_ROW(T, LOAD) do { \
+    const T *src = (const T *)w + r * cols; \
+    float mx = 0.0f; \
+    for (int64_t i = 0; i < cols; i++) { const float a = fabsf(LOAD(src[i])); mx = a > mx ? a : mx; } \
+    const float s = (mx > 1e-12f ? mx : 1e-12f) / 127.0f; \
+    int32_t sum = 0; \
+    for (int64_t i = 0; i < cols; i++) { \
+        float v = nearbyintf(LOAD(src[i]) / s); \
+        v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v); \
+        dst[i] = (int8_t)v; \
+        sum += dst[i]; \
+    } \
+    scale[r] = s; \
+    row_sum[r] = sum; \
+} while (0)
+#define AS_F32(v) (v)
+
+void santa_quantize_rows(const void *w, int32_t wtype, int64_t rows, int64_t cols, int8_t *q, float *scale,
+                         int32_t *row_sum, int32_t threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        int8_t *dst = q + r * cols;
+        switch (wtype) {
+        case T_F32: QUANTIZE_ROW(float, AS_F32); break;
+        case T_BF16: QUANTIZE_ROW(uint16_t, bf16_to_f32); break;
+        default: QUANTIZE_ROW(uint16_t, f16_to_f32); break;
+        }
+    }
 }
 
 /* The instruction set of the prompt GEMM above, for `santa info`. */
