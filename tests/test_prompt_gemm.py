@@ -44,7 +44,8 @@ def native_gemms() -> dict[str, native.NativeInt8Gemm]:
     return found
 
 
-SHAPES = [(1, 64, 4), (3, 72, 216), (5, 100, 37), (9, 2048, 129), (130, 300, 20)]  # (M, K, N): every tail
+# (M, K, N): every tail, and more columns and rows than one cache block holds (KC, MC in decode.c)
+SHAPES = [(1, 64, 4), (3, 72, 216), (5, 100, 37), (9, 2048, 129), (130, 300, 20), (70, 4200, 9)]
 
 
 @pytest.mark.parametrize(("M", "K", "N"), SHAPES)

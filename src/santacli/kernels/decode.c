@@ -885,7 +885,7 @@ void santa_decode(const Model *m, const int64_t *ids, int64_t B, int64_t T, int6
 /* vpdpbusd: unsigned x signed bytes, 64 products a step; x is fed as x + 128 (see dot_i8). */
 #define G_ISA "avx512-vnni"
 #define G_KSTEP 64
-#define G_MR 4
+#define G_MR_DEFAULT 4
 #define G_X_OFFSET 128
 typedef uint8_t gx_t;
 typedef int8_t gw_t;
@@ -898,7 +898,7 @@ ALWAYS_INLINE int32_t g_sum(gacc a) { return _mm512_reduce_add_epi32(a); }
 /* pmaddwd on int16 pairs: exact, since |x|, |w| <= 127 keep each pair sum far from overflow. */
 #define G_ISA "avx512"
 #define G_KSTEP 32
-#define G_MR 4
+#define G_MR_DEFAULT 4
 #define G_X_OFFSET 0
 typedef int16_t gx_t;
 typedef int16_t gw_t;
@@ -910,7 +910,7 @@ ALWAYS_INLINE int32_t g_sum(gacc a) { return _mm512_reduce_add_epi32(a); }
 #elif defined(__AVX2__)
 #define G_ISA "avx2"
 #define G_KSTEP 16
-#define G_MR 2  /* 2 x 4 accumulators + 4 weight vectors + temporaries fit AVX2's 16 registers */
+#define G_MR_DEFAULT 2  /* 2 x 4 accumulators + 4 weight vectors + temporaries fit AVX2's 16 registers */
 #define G_X_OFFSET 0
 typedef int16_t gx_t;
 typedef int16_t gw_t;
@@ -927,7 +927,7 @@ ALWAYS_INLINE int32_t g_sum(gacc a) {
 #else
 #define G_ISA "plain C"
 #define G_KSTEP 1
-#define G_MR 4
+#define G_MR_DEFAULT 4
 #define G_X_OFFSET 0
 typedef int8_t gx_t;
 typedef int8_t gw_t;
@@ -937,36 +937,42 @@ ALWAYS_INLINE gacc g_load(const void *p) { return *(const int8_t *)p; }
 ALWAYS_INLINE gacc g_mac(gacc acc, gacc x, gacc w) { return acc + x * w; }
 ALWAYS_INLINE int32_t g_sum(gacc a) { return a; }
 #endif
+#ifndef G_MR  /* -DG_MR=... / -DG_NR=... override the tile for measurements */
+#define G_MR G_MR_DEFAULT
+#endif
+#ifndef G_NR
 #define G_NR 4
-#define G_STEP_BYTES (G_KSTEP * (int64_t)sizeof(gx_t))  /* one vector of gx_t */
-#define G_GROUP_BYTES (256 * 1024)  /* a thread's packed weight rows: an L2's worth */
+#endif
 
-/* The int32 sums of MR token rows (xp, kp apart) x G_NR packed weight rows (wp, kp apart). */
-ALWAYS_INLINE void g_tile(const gx_t *xp, const gw_t *wp, int64_t kp, const int MR, int32_t out[G_MR][G_NR]) {
+/* The int32 sums over kc columns of MR token rows (xp, ld apart) x G_NR packed weight rows
+ * (wp, ld apart). */
+ALWAYS_INLINE void g_tile(const gx_t *xp, const gw_t *wp, int64_t ld, int64_t kc, const int MR,
+                          int32_t out[G_MR][G_NR]) {
     gacc acc[G_MR][G_NR];
     for (int m = 0; m < MR; m++) for (int r = 0; r < G_NR; r++) acc[m][r] = g_zero();
-    for (int64_t k = 0; k < kp; k += G_KSTEP) {
+    for (int64_t k = 0; k < kc; k += G_KSTEP) {
         gacc wv[G_NR];
         for (int r = 0; r < G_NR; r++) {
-            wv[r] = g_load(wp + r * kp + k);
+            wv[r] = g_load(wp + r * ld + k);
 #if defined(__AVX2__) || defined(__AVX512F__)
             __asm__("" : "+v"(wv[r]));  /* as in i8_rows: keep the weights in registers */
 #endif
         }
         for (int m = 0; m < MR; m++) {
-            const gacc xv = g_load(xp + m * kp + k);
+            const gacc xv = g_load(xp + m * ld + k);
             for (int r = 0; r < G_NR; r++) acc[m][r] = g_mac(acc[m][r], xv, wv[r]);
         }
     }
     for (int m = 0; m < MR; m++) for (int r = 0; r < G_NR; r++) out[m][r] = g_sum(acc[m][r]);
 }
 
-static void g_tile_any(const gx_t *xp, const gw_t *wp, int64_t kp, int64_t mr, int32_t out[G_MR][G_NR]) {
+static void g_tile_any(const gx_t *xp, const gw_t *wp, int64_t ld, int64_t kc, int64_t mr,
+                       int32_t out[G_MR][G_NR]) {
     switch (mr) {
-    case 1: g_tile(xp, wp, kp, 1, out); break;
-    case 2: g_tile(xp, wp, kp, 2 < G_MR ? 2 : G_MR, out); break;
-    case 3: g_tile(xp, wp, kp, 3 < G_MR ? 3 : G_MR, out); break;
-    default: g_tile(xp, wp, kp, G_MR, out); break;
+    case 1: g_tile(xp, wp, ld, kc, 1, out); break;
+    case 2: g_tile(xp, wp, ld, kc, 2 < G_MR ? 2 : G_MR, out); break;
+    case 3: g_tile(xp, wp, ld, kc, 3 < G_MR ? 3 : G_MR, out); break;
+    default: g_tile(xp, wp, ld, kc, G_MR, out); break;
     }
 }
 
@@ -1001,45 +1007,60 @@ int32_t santa_linear_i8_prompt(const Linear *L, const float *x, int64_t M, float
         for (int64_t k = 0; k < K; k++) dst[k] = (gx_t)((int32_t)q[m * K + k] + G_X_OFFSET);
         for (int64_t k = K; k < kp; k++) dst[k] = (gx_t)G_X_OFFSET;  /* meets zero weights */
     }
-    int64_t group = G_GROUP_BYTES / (G_NR * kp * (int64_t)sizeof(gw_t)) * G_NR;
-    if (group < G_NR) group = G_NR;
-    /* Enough groups for every thread, where the rows allow. */
-    while (group > G_NR && (N + group - 1) / group < 4 * threads) group -= G_NR;
+    /* Blocks: a panel's slice of KC columns (16 KB) stays in L1 while MC token rows (256 KB
+     * of them) stream past it from L2; a thread's group of weight rows is packed once. */
+    const int64_t KC = (16 * 1024 / (G_NR * (int64_t)sizeof(gw_t))) / G_KSTEP * G_KSTEP;
+    int64_t MC = (256 * 1024 / (KC * (int64_t)sizeof(gx_t))) / G_MR * G_MR;
+    if (MC < G_MR) MC = G_MR;
+    int64_t group = 16 * G_NR;
+    while (group > G_NR && (N + group - 1) / group < 4 * threads) group -= G_NR;  /* work for every thread */
     const int64_t groups = (N + group - 1) / group;
     const int8_t *W = (const int8_t *)L->weight;
     int32_t failed = 0;
     #pragma omp parallel num_threads(threads)
     {
         gw_t *wp = aligned_alloc(64, (size_t)((group * kp * (int64_t)sizeof(gw_t) + 63) / 64 * 64));
-        if (!wp) {
+        int32_t *acc = malloc((size_t)(M * group) * sizeof(int32_t));  /* sums across the KC blocks */
+        if (!wp || !acc) {
             #pragma omp atomic write
             failed = -1;
         }
         #pragma omp for schedule(dynamic, 1)
         for (int64_t g = 0; g < groups; g++) {
-            if (!wp) continue;
+            if (!wp || !acc) continue;
             const int64_t n0 = g * group, rows = n0 + group < N ? group : N - n0;
             g_pack_weights(W, K, n0, rows, kp, wp);
-            for (int64_t m0 = 0; m0 < M; m0 += G_MR) {
-                const int64_t mr = M - m0 < G_MR ? M - m0 : G_MR;
-                for (int64_t p = 0; p < rows; p += G_NR) {
-                    int32_t s[G_MR][G_NR];
-                    g_tile_any(xp + m0 * kp, wp + p * kp, kp, mr, s);
-                    const int64_t nr = rows - p < G_NR ? rows - p : G_NR;
-                    for (int64_t m = 0; m < mr; m++) {
-                        float *ym = y + (m0 + m) * N;
-                        for (int64_t r = 0; r < nr; r++) {
-                            const int64_t n = n0 + p + r;
-                            const int32_t sum = G_X_OFFSET ? s[m][r] - G_X_OFFSET * L->wsum[n] : s[m][r];
-                            float v = (float)sum * xs[m0 + m] * L->scale[n];
-                            if (L->bias) v += L->bias[n];
-                            ym[n] = v;
+            for (int64_t k0 = 0; k0 < kp; k0 += KC) {
+                const int64_t kc = kp - k0 < KC ? kp - k0 : KC;
+                for (int64_t mc0 = 0; mc0 < M; mc0 += MC) {
+                    const int64_t mc1 = mc0 + MC < M ? mc0 + MC : M;
+                    for (int64_t p = 0; p < rows; p += G_NR) {
+                        const int64_t nr = rows - p < G_NR ? rows - p : G_NR;
+                        for (int64_t m0 = mc0; m0 < mc1; m0 += G_MR) {
+                            const int64_t mr = mc1 - m0 < G_MR ? mc1 - m0 : G_MR;
+                            int32_t s[G_MR][G_NR];
+                            g_tile_any(xp + m0 * kp + k0, wp + p * kp + k0, kp, kc, mr, s);
+                            for (int64_t m = 0; m < mr; m++) {
+                                int32_t *am = acc + (m0 + m) * group + p;
+                                for (int64_t r = 0; r < nr; r++) am[r] = k0 ? am[r] + s[m][r] : s[m][r];
+                            }
                         }
                     }
                 }
             }
+            for (int64_t m = 0; m < M; m++) {
+                float *ym = y + m * N;
+                for (int64_t r = 0; r < rows; r++) {
+                    const int64_t n = n0 + r;
+                    const int32_t a = acc[m * group + r], sum = G_X_OFFSET ? a - G_X_OFFSET * L->wsum[n] : a;
+                    float v = (float)sum * xs[m] * L->scale[n];
+                    if (L->bias) v += L->bias[n];
+                    ym[n] = v;
+                }
+            }
         }
         free(wp);
+        free(acc);
     }
     return failed;
 }
