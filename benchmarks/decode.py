@@ -541,7 +541,7 @@ def child_llamabench(spec: dict[str, Any]) -> dict[str, Any]:
     import resource
 
     common = ["-m", spec["gguf"], "-t", str(spec["threads"]), "-r", str(spec["bench_reps"])]
-    res: dict[str, Any] = {"weights_bytes": Path(spec["gguf"]).stat().st_size, "rss_base": 0,
+    res: dict[str, Any] = {"weights_bytes": Path(spec["gguf"]).stat().st_size, "rss_base": None,
                            "load_s": None, "rss_loaded": None, "peak_rss_loaded": None}
     records: list[dict[str, Any]] = []
     lengths = [n for n in dict.fromkeys([spec["prompt"], *spec["prefill"]]) if n > 0]
@@ -971,8 +971,9 @@ def table(name: str, shape_res: dict[str, Any], prefill: list[int]) -> str:
         w = max(len(t["label"]) for t in tg)
         for t in tg:
             verdict = "n/a " if t["pass"] is None else ("PASS" if t["pass"] else "MISS")
+            goal = f"(target {t['op']} {t['target']:g})"
             lines.append(f"   [{t['isa']:>6}] {t['label'].ljust(w)}  {fmt(t['value'], '.2f').rjust(5)}  "
-                         f"(target {t['op']} {t['target']:g})  {verdict}   {t['a']} vs {t['b']}")
+                         f"{goal.ljust(16)}  {verdict}   {t['a']} vs {t['b']}")
     return "\n".join(lines)
 
 
@@ -1006,6 +1007,13 @@ def markdown(report: dict[str, Any]) -> str:
             out.append(f"| {r['label']} | {fmt(r['decode'], '.2f', 'x')} | {fmt(r['ttft'], '.2f', 'x')} | "
                        + " | ".join(fmt(r.get(f"prefill_{n}"), ".2f", "x") for n in prefill)
                        + f" | {fmt(r['peak_rss'], '.2f')} |")
+        if res.get("targets"):
+            out += ["", f"| issue 19 target (prompt {res['prompt']}) | ISA | value | target | |",
+                    "|---|---|---|---|---|"]
+            for t in res["targets"]:
+                verdict = "n/a" if t["pass"] is None else ("PASS" if t["pass"] else "MISS")
+                out.append(f"| {t['label']} | {t['isa']} | {fmt(t['value'], '.2f')} | {t['op']} {t['target']:g} | "
+                           f"{verdict} |")
     return "\n".join(out)
 
 
@@ -1015,9 +1023,17 @@ def cpu_model_and_flags() -> tuple[str, set[str]]:
         lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
     except OSError:
         return platform.processor() or platform.machine(), set()
-    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
-    flags = next((set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith("flags")), set())
-    return model, flags
+    fields: dict[str, str] = {}
+    for ln in lines:
+        if not ln.strip():
+            break  # the first CPU is enough
+        key, _, value = ln.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    model = fields.get("model name") or platform.processor()
+    # VMs often show a generic name ("AMD EPYC"); family/model tell the generation apart.
+    if "cpu family" in fields and "model" in fields:
+        model += f" (family {fields['cpu family']}, model {fields['model']})"
+    return model, set(fields.get("flags", "").split())
 
 
 def llama_source() -> Path | None:

@@ -73,7 +73,9 @@ def candidates() -> dict[str, Int8Gemm]:
 
 def _label(name: str, gemms: dict[str, Int8Gemm]) -> str:
     gemm = gemms[name]
-    return f"native {gemm.isa}" if isinstance(gemm, native.NativeInt8Gemm) else name
+    if isinstance(gemm, native.NativeInt8Gemm):
+        return f"native {gemm.isa}"
+    return {"torch": "torch._int_mm"}.get(name, name)
 
 
 def describe_float(device: torch.device, dtype: torch.dtype) -> str:
@@ -132,7 +134,7 @@ def _measure(in_features: int, out_features: int, gemms: dict[str, Int8Gemm], th
     shape = f"{SAMPLE_TOKENS}x{in_features}x{out_features}, {threads} threads"
     measured = ", ".join(f"{_label(n, gemms)} {times[n] * 1e3:.1f} ms" for n in sorted(times, key=times.__getitem__))
     inexact = sorted(set(gemms) - exact)
-    note = f"; {', '.join(inexact)} inexact here" if inexact else ""
+    note = f"; {', '.join(_label(n, gemms) for n in inexact)} inexact here" if inexact else ""
     return Choice(best, f"{_label(best, gemms)} (measured at {shape}: {measured}{note})")
 
 
