@@ -713,8 +713,10 @@ def probe_gguf_convert(folder: Path, kind: str, threads: int, converter: Path, n
             source = gguf_staging_folder(folder)
             if source is None:
                 break
-            notes.append(f"GGUF ({folder.name}): converted with StarCoder's tokenizer, which llama.cpp's "
-                         "converter recognizes (it does not know SantaCoder's); same weights")
+            note = (f"GGUF ({folder.name}): converted with StarCoder's tokenizer, which llama.cpp's "
+                    "converter recognizes (it does not know SantaCoder's); same weights")
+            if note not in notes:  # once, not per GGUF type
+                notes.append(note)
     if error:
         notes.append(f"GGUF conversion ({kind}) of {folder.name} failed: {error[:300]}")
         return None
