@@ -57,16 +57,25 @@ def forced_isa_env(isa: str) -> dict[str, str]:
     return {"SANTA_NATIVE_ISA": isa, **TORCH_ISA_ENV.get(isa, {})}
 
 
+def env_choice(variable: str, choices: tuple[str, ...]) -> str:
+    """The value of environment ``variable`` among ``choices`` (unset or empty: the first).
+
+    Raises:
+        BackendError: any other value.
+    """
+    value = os.environ.get(variable, "").strip().lower() or choices[0]
+    if value not in choices:
+        raise BackendError(f"{variable}={value!r} is not one of {', '.join(choices)}")
+    return value
+
+
 def requested_isa() -> str:
     """``SANTA_NATIVE_ISA`` (default ``native``).
 
     Raises:
         BackendError: an unknown value.
     """
-    isa = os.environ.get("SANTA_NATIVE_ISA", "native").strip().lower() or "native"
-    if isa not in ISA_FLAGS:
-        raise BackendError(f"SANTA_NATIVE_ISA={isa!r} is not one of {', '.join(ISA_FLAGS)}")
-    return isa
+    return env_choice("SANTA_NATIVE_ISA", tuple(ISA_FLAGS))
 
 
 _TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}

@@ -55,10 +55,7 @@ def requested() -> str:
     Raises:
         BackendError: an unknown value.
     """
-    value = os.environ.get("SANTA_INT8_GEMM", "auto").strip().lower() or "auto"
-    if value not in CHOICES:
-        raise BackendError(f"SANTA_INT8_GEMM={value!r} is not one of {', '.join(CHOICES)}")
-    return value
+    return native.env_choice("SANTA_INT8_GEMM", CHOICES)
 
 
 def candidates() -> dict[str, Int8Gemm]:
@@ -125,9 +122,7 @@ def _measure(in_features: int, out_features: int, gemms: dict[str, Int8Gemm], th
     exact = {name for name, gemm in gemms.items() if _is_exact(gemm, in_features)}
     layer = _random_layer(in_features, out_features, seed=1)
     x = torch.randn((SAMPLE_TOKENS, in_features), generator=torch.Generator().manual_seed(2))
-    times: dict[str, float] = {}
-    for name in sorted(exact, key=lambda n: n != "native"):  # the likely winner first sets the bar
-        times[name] = _time(gemms[name], layer, x, min(times.values(), default=math.inf))
+    times = _time_interleaved({name: gemms[name] for name in exact}, layer, x)
     if not times:  # cannot happen while blas (exact by construction) is a candidate
         raise BackendError("no exact int8 GEMM found on this machine")
     best = min(times, key=lambda n: times[n])
@@ -138,17 +133,24 @@ def _measure(in_features: int, out_features: int, gemms: dict[str, Int8Gemm], th
     return Choice(best, f"{_label(best, gemms)} (measured at {shape}: {measured}{note})")
 
 
-def _time(gemm: Int8Gemm, layer: Int8Linear, x: Tensor, bar: float) -> float:
-    best = math.inf
-    for i in range(_REPEATS + 1):  # the first call warms caches and thread pools
+def _time_interleaved(gemms: dict[str, Int8Gemm], layer: Int8Linear, x: Tensor) -> dict[str, float]:
+    """Best time of each GEMM over rounds that run every one in turn, so a burst of other load
+    on the machine hits them all alike. The first call of each warms caches and thread pools and
+    drops any candidate ``_GIVE_UP`` times slower than the best warm-up (a PyTorch reference loop
+    can take seconds)."""
+    warm: dict[str, float] = {}
+    for name in sorted(gemms, key=lambda n: n != "native"):  # the likely winner first sets the bar
         start = time.perf_counter()
-        gemm(layer, x)
-        took = time.perf_counter() - start
-        if i:
-            best = min(best, took)
-        if took > _GIVE_UP * bar:
-            return took
-    return best
+        gemms[name](layer, x)
+        warm[name] = time.perf_counter() - start
+    bar = min(warm.values(), default=math.inf)
+    best = {name: took for name, took in warm.items() if took <= _GIVE_UP * bar}
+    for _ in range(_REPEATS):
+        for name in list(best):
+            start = time.perf_counter()
+            gemms[name](layer, x)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {**warm, **best}
 
 
 def _random_layer(in_features: int, out_features: int, *, seed: int) -> Int8Linear:
