@@ -227,6 +227,13 @@ def test_info_and_models(tiny_checkpoint, capsys, monkeypatch):
     state = native.status()
     # How one-token steps run here: the native kernel's instruction set, or why PyTorch does it.
     assert "decode" in out and (("native " + state.detail.split(",")[0]) in out if state.available else "pytorch" in out)
+    prompt_row = next(line for line in out.splitlines() if line.startswith("prompt "))
+    assert prompt_row.split(None, 1)[1] == "pytorch fp32 GEMM"
+    # int8: the prompt GEMM measured (or cached) for this CPU, with what it was measured against.
+    code, out, _ = run(["info", str(tiny_checkpoint), "--quantize", "int8"], capsys, monkeypatch)
+    prompt_row = next(line for line in out.splitlines() if line.startswith("prompt "))
+    assert code == 0 and "measured at 128x64x256" in prompt_row
+    assert prompt_row.split(None, 1)[1].startswith(("native ", "torch._int_mm", "blas"))
     code, out, _ = run(["models"], capsys, monkeypatch)
     assert code == 0 and "bigcode/gpt_bigcode-santacoder" in out
 
