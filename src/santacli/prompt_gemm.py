@@ -33,12 +33,13 @@ from torch import Tensor, nn
 
 from santacli import native
 from santacli.errors import BackendError
-from santacli.quantize import GEMMS, Int8Gemm, Int8Linear, quantize_rows
+from santacli.quantize import GEMMS, Int8Gemm, Int8Linear
 
 CHOICES = ("auto", "native", "torch", "blas")
 SAMPLE_TOKENS = 128  # the prompt length the choice is measured at
 _REPEATS = 3
 _GIVE_UP = 4.0  # stop timing a candidate this many times slower than the best so far
+_MAX_SAMPLE_ROWS = 8192
 _ENV_KEYS = ("SANTA_NATIVE_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
              "MKL_DEBUG_CPU_TYPE")
 
@@ -126,7 +127,7 @@ def _measure(in_features: int, out_features: int, gemms: dict[str, Int8Gemm], th
     if not times:  # cannot happen while blas (exact by construction) is a candidate
         raise BackendError("no exact int8 GEMM found on this machine")
     best = min(times, key=lambda n: times[n])
-    shape = f"{SAMPLE_TOKENS}x{in_features}x{out_features}, {threads} threads"
+    shape = f"{SAMPLE_TOKENS}x{in_features}x{min(out_features, _MAX_SAMPLE_ROWS)}, {threads} threads"
     measured = ", ".join(f"{_label(n, gemms)} {times[n] * 1e3:.1f} ms" for n in sorted(times, key=times.__getitem__))
     inexact = sorted(set(gemms) - exact)
     note = f"; {', '.join(_label(n, gemms) for n in inexact)} inexact here" if inexact else ""
@@ -154,10 +155,13 @@ def _time_interleaved(gemms: dict[str, Int8Gemm], layer: Int8Linear, x: Tensor) 
 
 
 def _random_layer(in_features: int, out_features: int, *, seed: int) -> Int8Linear:
+    """Int8 weights drawn directly (no float matrix: StarCoder's MLP would need 600 MB of it),
+    at most _MAX_SAMPLE_ROWS rows: time grows with rows alike for every candidate."""
     g = torch.Generator().manual_seed(seed)
-    weight = torch.randn((out_features, in_features), generator=g)
-    q, scale, row_sum = quantize_rows(weight)
-    return Int8Linear(q, scale, row_sum, torch.randn(out_features, generator=g))
+    rows = min(out_features, _MAX_SAMPLE_ROWS)
+    q = torch.randint(-127, 128, (rows, in_features), generator=g, dtype=torch.int8)
+    scale = torch.rand(rows, generator=g) / 127.0
+    return Int8Linear(q, scale, q.sum(dim=1, dtype=torch.int32), torch.randn(rows, generator=g))
 
 
 def _is_exact(gemm: Int8Gemm, in_features: int) -> bool:
