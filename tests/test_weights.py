@@ -195,9 +195,10 @@ def test_unknown_model_names(tmp_path):
         Engine.load(str(tmp_path / "nowhere"))
 
 
-def test_tensor_files_read_every_dtype_exactly_and_convert(tmp_path):
+def test_tensor_files_read_every_dtype_exactly_and_convert(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
+    from santacli import tensorfile
     from santacli.tensorfile import TensorFiles
 
     g = torch.Generator().manual_seed(0)
@@ -220,6 +221,11 @@ def test_tensor_files_read_every_dtype_exactly_and_convert(tmp_path):
             assert got.dtype == expected.dtype and got.shape == expected.shape and torch.equal(got, expected), name
     assert files.read("f32", dtype=torch.bfloat16).equal(reference["f32"].to(torch.bfloat16))
     assert files.read("bf16", dtype=torch.float32).equal(reference["bf16"].float())
+    # Converting reads go through a small reused buffer: 3 fp32 values at a time, 35 in all.
+    monkeypatch.setattr(tensorfile, "_CONVERT_CHUNK", 12)
+    assert files.read("f32", dtype=torch.float16).equal(reference["f32"].half())
+    assert files.read("scalar", dtype=torch.bfloat16).equal(reference["scalar"].bfloat16())
+    assert files.read("empty", dtype=torch.bfloat16).shape == (0, 3)
     assert not files.entries["i8"].is_float and files.entries["bf16"].is_float
 
 
