@@ -140,15 +140,16 @@ def test_steps_up_to_the_end_of_the_context(tmp_path, tokenizer):
     assert (got - slow.logits(ids[0])[40:]).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("flags", [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma", "-mno-f16c")],
-                         ids=["avx2", "plain-c"])
+@pytest.mark.parametrize("flags", [("-mno-avx512vnni",), ("-mno-avx512f",),
+                                   ("-mno-avx512f", "-mno-avx2", "-mno-fma", "-mno-f16c")],
+                         ids=["avx512-without-vnni", "avx2", "plain-c"])
 def test_other_instruction_sets_compute_the_same(tmp_path, tokenizer, flags):
-    """The AVX2 and plain-C builds (for CPUs without AVX-512) agree with PyTorch too."""
+    """The AVX-512 without VNNI, AVX2 and plain-C builds agree with PyTorch too."""
     try:
         lib, _ = native.load_library(flags)
     except OSError as exc:
         pytest.skip(f"cannot build with {flags}: {exc}")
-    expected = 1 if "-mno-avx2" in flags else 8
+    expected = 1 if "-mno-avx2" in flags else 8 if "-mno-avx512f" in flags else 16
     if lib.santa_simd_width() != expected:
         pytest.skip(f"this compiler/CPU gives width {lib.santa_simd_width()} with {flags}")
     folder = write_checkpoint(tmp_path / "m", tokenizer=tokenizer, n_embd=72, n_head=3, multi_query=False)

@@ -67,6 +67,20 @@ def test_native_builds_name_their_instruction_set():
     assert gemms["generic"].isa == "plain C"
     if "avx2" in gemms:
         assert gemms["avx2"].isa == "avx2"
+    if "avx512" in gemms:
+        assert gemms["avx512"].isa == "avx512"  # x86-64-v4: AVX-512 without VNNI
+
+
+def test_a_forced_isa_this_cpu_lacks_is_refused(monkeypatch):
+    """A kernel built for more than the CPU has would die of an illegal instruction."""
+    monkeypatch.setattr(native, "missing_cpu_flags", lambda isa: ["avx512f"] if isa == "avx512" else [])
+    with pytest.raises(OSError, match="needs CPU features this CPU lacks: avx512f"):
+        native.load_library(isa="avx512")
+    monkeypatch.setattr(native, "_loaded", None)
+    monkeypatch.setenv("SANTA_NATIVE_ISA", "avx512")
+    state = native.status()
+    assert not state.available and "avx512f" in state.detail
+    monkeypatch.setattr(native, "_loaded", None)
 
 
 def test_blas_chunks_stay_exact_past_two_to_the_24():
@@ -145,7 +159,7 @@ def test_bad_isa_override_is_reported_not_raised(monkeypatch):
     monkeypatch.setattr(native, "_loaded", None)
     monkeypatch.setenv("SANTA_NATIVE_ISA", "avx9000")
     state = native.status()
-    assert not state.available and "SANTA_NATIVE_ISA='avx9000' is not one of native, avx2, generic" in state.detail
+    assert not state.available and "SANTA_NATIVE_ISA='avx9000' is not one of native, avx512, avx2, generic" in state.detail
     monkeypatch.setattr(native, "_loaded", None)
 
 

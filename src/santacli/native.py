@@ -39,13 +39,21 @@ SOURCE = Path(__file__).parent / "kernels" / "decode.c"
 FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 # The instruction set the kernel is built for: this CPU's (``native``), or a lower one so that one
 # machine can run the code paths of others (``SANTA_NATIVE_ISA=avx2``: x86-64-v3, i.e. AVX2 + FMA
-# + F16C without AVX-512 or VNNI, what most laptops and cloud VMs have; ``generic``: plain C).
-ISA_FLAGS = {"native": ("-march=native",), "avx2": ("-march=x86-64-v3", "-mtune=native"),
-             "generic": ("-march=x86-64", "-mtune=native")}
+# + F16C without AVX-512 or VNNI, what most laptops and cloud VMs have; ``avx512``: x86-64-v4,
+# AVX-512 without VNNI; ``generic``: plain C).
+ISA_FLAGS = {"native": ("-march=native",), "avx512": ("-march=x86-64-v4", "-mtune=native"),
+             "avx2": ("-march=x86-64-v3", "-mtune=native"), "generic": ("-march=x86-64", "-mtune=native")}
+# The /proc/cpuinfo flags each forced level needs (x86-64-v3 and -v4): a kernel built for more
+# than the CPU has would die of an illegal instruction, so santa refuses to load it.
+_ISA_CPU_FLAGS = {"avx2": ("avx2", "fma", "f16c", "bmi1", "bmi2", "movbe", "abm"),
+                  "avx512": ("avx2", "fma", "f16c", "bmi1", "bmi2", "movbe", "abm",
+                             "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")}
 # What a forced-AVX2 run also sets for PyTorch (before it is imported): its ATen kernels, oneDNN
 # and MKL then stay within AVX2 too (benchmarks/decode.py --isa avx2, the tests).
 TORCH_ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
                           "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+                 "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+                            "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
                  "generic": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",
                              "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}}
 
@@ -114,6 +122,20 @@ class NativeStatus:
 
 _lock = threading.Lock()
 _loaded: tuple[ctypes.CDLL | None, NativeStatus] | None = None
+
+
+def missing_cpu_flags(isa: str) -> list[str]:
+    """The CPU features a build for ``isa`` needs that this CPU lacks (none known: [])."""
+    needed = _ISA_CPU_FLAGS.get(isa, ())
+    try:
+        info = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return []  # not Linux: trust the request
+    flags = set()
+    for line in info.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return [f for f in needed if f not in flags] if flags else []
 
 
 def cpu_signature() -> str:
@@ -194,7 +216,11 @@ def load_library(extra_flags: tuple[str, ...] = (), isa: str | None = None) -> t
     cc = _compiler()
     if cc is None:
         raise OSError("no C compiler found; set CC")
-    path = _build(cc, FLAGS + ISA_FLAGS[isa or requested_isa()] + extra_flags)
+    isa = isa or requested_isa()
+    missing = missing_cpu_flags(isa)
+    if missing:
+        raise OSError(f"a kernel for {isa} needs CPU features this CPU lacks: {', '.join(missing)}")
+    path = _build(cc, FLAGS + ISA_FLAGS[isa] + extra_flags)
     lib = ctypes.CDLL(str(path))
     lib.santa_decode.argtypes = [ctypes.POINTER(_Model), _P, _I64, _I64, _I64, _P, _P, ctypes.c_int32]
     lib.santa_decode.restype = None
