@@ -251,3 +251,40 @@ def test_shard_index_entries_stay_inside_the_folder(tmp_path, entry):
     (tmp_path / "model.safetensors.index.json").write_text(_json.dumps({"weight_map": {"wte.weight": entry}}))
     with pytest.raises(CheckpointError, match="inside the model folder"):
         weight_files(tmp_path)
+
+
+def test_scratch_reads_reuse_one_region(tmp_path):
+    from santacli.tensorfile import TensorFiles
+
+    tensors = {"a": torch.arange(6.0).view(2, 3), "b": torch.full((2,), 7.0), "big": torch.arange(10.0),
+               "none": torch.zeros(0)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    files = TensorFiles([path])
+    a = files.read("a", mapped=False, scratch=True)
+    assert torch.equal(a, tensors["a"])
+    b = files.read("b", mapped=False, scratch=True)  # the same memory: a is no longer valid, as documented
+    assert torch.equal(b, tensors["b"]) and b.data_ptr() == a.data_ptr()
+    big = files.read("big", mapped=False, scratch=True)  # grows the region; a and b keep the old one alive
+    assert torch.equal(big, tensors["big"]) and torch.equal(b, tensors["b"])
+    assert files.read("none", mapped=False, scratch=True).shape == (0,)
+
+
+def test_int8_load_quantizes_every_layer_from_the_file(tiny_checkpoint):
+    """Each weight is read into the reused region and quantized before the next is read: every
+    int8 layer equals quantizing its own float weight (none sees another's memory)."""
+    from safetensors.torch import load_file
+
+    from santacli.quantize import Int8Linear, quantize_rows
+
+    state = load_file(str(tiny_checkpoint / "model.safetensors"))
+    model = Engine.load(str(tiny_checkpoint), quantize="int8").model
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, Int8Linear)}
+    assert len(layers) == 4 * model.config.n_layer + 1
+    for name, layer in layers.items():
+        key = "transformer.wte.weight" if name == "lm_head" else f"{name}.weight"
+        q, scale, row_sum = quantize_rows(state[key])
+        assert torch.equal(layer.weight, q) and torch.equal(layer.scale, scale), name
+        assert torch.equal(layer.row_sum, row_sum), name
+        if name != "lm_head":
+            assert torch.equal(layer.bias, state[f"{name}.bias"]), name

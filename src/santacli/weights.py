@@ -149,7 +149,8 @@ def load_model(folder: Path, config: ModelConfig, *, device: torch.device, dtype
     as stored are views of the file's memory map; converted ones are read and converted one at
     a time (see tensorfile.py). ``convert_linear`` (e.g. int8 quantization) replaces each linear
     layer, the tied lm_head included, right after its weights are read, so the float copy of
-    the whole model never exists. ``tied_embedding(converted_head)`` then gives the module that
+    the whole model never exists; it must not keep the float weight it is given, whose memory
+    is reused for the next layer's. ``tied_embedding(converted_head)`` then gives the module that
     serves as wte from the converted head's storage, so no float vocabulary matrix is kept.
 
     Raises:
@@ -175,18 +176,20 @@ def load_model(folder: Path, config: ModelConfig, *, device: torch.device, dtype
         shapes = {k: source.entries[v].shape for k, v in names.items()}
     _check_names_and_shapes(folder, expected, shapes)
 
-    def fetch(key: str, *, to_convert: bool = False) -> Tensor:
+    def fetch(key: str, *, to_convert: bool = False, scratch: bool = False) -> Tensor:
         if converted:
             return converted.pop(key).to(device=device, dtype=dtype)
         # When layers are converted, everything is read into owned memory (a mapped view would
         # keep the file's pages resident after the conversion); what is converted and then
-        # dropped is read into transient memory.
+        # dropped is read into transient memory, a weight matrix into the reader's one reused
+        # region (valid until the next such read: each is converted before the next is read).
         return source.read(names[key], dtype=dtype, device=device, mapped=convert_linear is None,
-                           transient=to_convert)
+                           transient=to_convert, scratch=scratch)
 
     if convert_linear is not None:
         # The tied head first: the largest matrix is converted while little else is resident.
-        wte = fetch("transformer.wte.weight", to_convert=tied_embedding is not None)
+        converting_wte = tied_embedding is not None
+        wte = fetch("transformer.wte.weight", to_convert=converting_wte, scratch=converting_wte)
         head = nn.Linear(config.n_embd, config.vocab_size, bias=False, device="meta")
         head.weight = nn.Parameter(wte, requires_grad=False)
         model.lm_head = convert_linear(head)
@@ -195,6 +198,7 @@ def load_model(folder: Path, config: ModelConfig, *, device: torch.device, dtype
         else:
             model.wte.weight = nn.Parameter(wte, requires_grad=False)
         del head, wte
+        source.release_scratch()  # the vocabulary matrix's region: far larger than any layer's
         _load_converting_linears(model, functools.partial(fetch, to_convert=True), convert_linear)
     for key, param in list(model.named_parameters()):
         if param.is_meta:  # not read yet (converted layers were read above)
@@ -206,7 +210,7 @@ def load_model(folder: Path, config: ModelConfig, *, device: torch.device, dtype
     return model
 
 
-def _load_converting_linears(model: GPTBigCode, fetch: Callable[[str], Tensor],
+def _load_converting_linears(model: GPTBigCode, fetch: Callable[..., Tensor],
                              convert: Callable[[nn.Linear], nn.Module]) -> None:
     """Read each linear layer of the blocks and replace it with ``convert(layer)`` at once."""
     # Names only: a list of the modules themselves would keep every float layer alive.
@@ -217,9 +221,9 @@ def _load_converting_linears(model: GPTBigCode, fetch: Callable[[str], Tensor],
         parent = model.get_submodule(prefix)
         layer = cast(nn.Linear, getattr(parent, name))
         key = f"{prefix}.{name}" if prefix else name
-        layer.weight = nn.Parameter(fetch(f"{key}.weight"), requires_grad=False)
+        layer.weight = nn.Parameter(fetch(f"{key}.weight", scratch=True), requires_grad=False)
         if layer.bias is not None:
             layer.bias = nn.Parameter(fetch(f"{key}.bias"), requires_grad=False)
-        setattr(parent, name, convert(layer))
+        setattr(parent, name, convert(layer))  # before the next scratch read reuses the weight's memory
         del layer
         _trim_heap()
