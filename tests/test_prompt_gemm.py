@@ -123,6 +123,10 @@ def test_the_choice_is_measured_once_and_cached(monkeypatch, tmp_path):
 
     monkeypatch.setattr(prompt_gemm, "_measure", fail)
     assert prompt_gemm.choose(128, 96) == first
+    monkeypatch.setenv("SANTA_INT8_GEMM", "measure")  # asked to measure again: the cache is not read
+    with pytest.raises(AssertionError, match="measured again"):
+        prompt_gemm.choose(128, 96)
+    monkeypatch.delenv("SANTA_INT8_GEMM")
     monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")  # another instruction-set override: another key
     with pytest.raises(AssertionError, match="measured again"):
         prompt_gemm.choose(128, 96)
@@ -141,7 +145,7 @@ def test_forcing_a_gemm(monkeypatch, tmp_path, tokenizer):
     if prompt_gemm._is_exact(torch_int_mm_gemm, 64):
         assert torch.equal(logits["native"], logits["torch"])
     monkeypatch.setenv("SANTA_INT8_GEMM", "fastest")
-    with pytest.raises(BackendError, match="SANTA_INT8_GEMM='fastest' is not one of auto, native, torch, blas"):
+    with pytest.raises(BackendError, match="SANTA_INT8_GEMM='fastest' is not one of auto, measure, native, torch, blas"):
         Engine.load(str(folder), quantize="int8")
     monkeypatch.setenv("SANTA_INT8_GEMM", "native")
     monkeypatch.setattr(native, "int8_gemm", lambda: None)

@@ -14,7 +14,9 @@ The first int8 load on a machine (or ``santa info --quantize int8``) checks each
 exact integer sums on adversarial values, times the exact ones on a layer of the model's MLP
 shape with a 128-token prompt, and keeps the fastest. The result is cached beside the compiled
 kernel (``int8-gemm.json``), keyed by CPU, kernel build, PyTorch version, instruction-set
-overrides, thread count and shape. ``SANTA_INT8_GEMM=native|torch|blas`` forces one.
+overrides, thread count and shape. ``SANTA_INT8_GEMM=native|torch|blas`` forces one;
+``SANTA_INT8_GEMM=measure`` measures again (a first measurement made while the machine was busy
+would otherwise stay).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from santacli import native
 from santacli.errors import BackendError
 from santacli.quantize import GEMMS, Int8Gemm, Int8Linear
 
-CHOICES = ("auto", "native", "torch", "blas")
+CHOICES = ("auto", "measure", "native", "torch", "blas")  # measure: ignore the cache, measure again
 SAMPLE_TOKENS = 128  # the prompt length the choice is measured at
 _REPEATS = 3
 _GIVE_UP = 4.0  # stop timing a candidate this many times slower than the best so far
@@ -104,14 +106,14 @@ def choose(in_features: int, out_features: int, gemms: dict[str, Int8Gemm] | Non
     """The int8 GEMM for prompts through a layer of this shape: forced, cached or measured now."""
     gemms = gemms if gemms is not None else candidates()
     forced = requested()
-    if forced != "auto":
+    if forced not in ("auto", "measure"):
         if forced not in gemms:
             raise BackendError(f"SANTA_INT8_GEMM={forced}: the native kernel is unavailable here "
                                f"({native.status().detail})")
         return Choice(forced, f"{_label(forced, gemms)} (SANTA_INT8_GEMM)")
     threads = torch.get_num_threads()
     key = _cache_key(in_features, out_features, threads, sorted(gemms))
-    cached = _read_cache().get(key)
+    cached = _read_cache().get(key) if forced == "auto" else None
     if isinstance(cached, dict) and cached.get("name") in gemms and isinstance(cached.get("description"), str):
         return Choice(cached["name"], cached["description"])
     choice = _measure(in_features, out_features, gemms, threads)
