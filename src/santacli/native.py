@@ -201,7 +201,7 @@ def _try_load() -> tuple[ctypes.CDLL | None, NativeStatus]:
         return None, NativeStatus(False, str(exc))
     lanes = lib.santa_simd_width()
     isa = cast(bytes, lib.santa_prompt_isa()).decode()  # names VNNI too: the int8 kernels use it
-    return lib, NativeStatus(True, f"{isa} ({lanes} lanes), {path}")
+    return lib, NativeStatus(True, f"{isa} ({lanes} lane{'s' if lanes > 1 else ''}), {path}")
 
 
 def load_library(extra_flags: tuple[str, ...] = (), isa: str | None = None) -> tuple[ctypes.CDLL, Path]:
