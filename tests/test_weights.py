@@ -270,15 +270,17 @@ def test_scratch_reads_reuse_one_region(tmp_path):
     assert files.read("none", mapped=False, scratch=True).shape == (0,)
 
 
-def test_int8_load_quantizes_every_layer_from_the_file(tiny_checkpoint):
-    """Each weight is read into the reused region and quantized before the next is read: every
-    int8 layer equals quantizing its own float weight (none sees another's memory)."""
+@pytest.mark.parametrize("stored", [torch.float32, torch.float16, torch.bfloat16])
+def test_int8_load_quantizes_every_layer_from_the_file(tmp_path, tokenizer, stored):
+    """Each weight is read as stored into the reused region and quantized before the next is
+    read: every int8 layer equals quantizing its own weight (none sees another's memory)."""
     from safetensors.torch import load_file
 
     from santacli.quantize import Int8Linear, quantize_rows
 
-    state = load_file(str(tiny_checkpoint / "model.safetensors"))
-    model = Engine.load(str(tiny_checkpoint), quantize="int8").model
+    folder = write_checkpoint(tmp_path / "m", tokenizer=tokenizer, dtype=stored)
+    state = load_file(str(folder / "model.safetensors"))
+    model = Engine.load(str(folder), quantize="int8").model
     layers = {name: m for name, m in model.named_modules() if isinstance(m, Int8Linear)}
     assert len(layers) == 4 * model.config.n_layer + 1
     for name, layer in layers.items():
@@ -287,4 +289,4 @@ def test_int8_load_quantizes_every_layer_from_the_file(tiny_checkpoint):
         assert torch.equal(layer.weight, q) and torch.equal(layer.scale, scale), name
         assert torch.equal(layer.row_sum, row_sum), name
         if name != "lm_head":
-            assert torch.equal(layer.bias, state[f"{name}.bias"]), name
+            assert torch.equal(layer.bias, state[f"{name}.bias"].float()), name

@@ -149,9 +149,10 @@ def load_model(folder: Path, config: ModelConfig, *, device: torch.device, dtype
     as stored are views of the file's memory map; converted ones are read and converted one at
     a time (see tensorfile.py). ``convert_linear`` (e.g. int8 quantization) replaces each linear
     layer, the tied lm_head included, right after its weights are read, so the float copy of
-    the whole model never exists; it must not keep the float weight it is given, whose memory
-    is reused for the next layer's. ``tied_embedding(converted_head)`` then gives the module that
-    serves as wte from the converted head's storage, so no float vocabulary matrix is kept.
+    the whole model never exists; it gets each weight as stored in the file (fp32, bf16 or fp16)
+    and must not keep it: its memory is reused for the next layer's.
+    ``tied_embedding(converted_head)`` then gives the module that serves as wte from the
+    converted head's storage, so no float vocabulary matrix is kept.
 
     Raises:
         CheckpointError: missing, unexpected, mis-shaped, non-float or corrupted tensors.
@@ -182,9 +183,10 @@ def load_model(folder: Path, config: ModelConfig, *, device: torch.device, dtype
         # When layers are converted, everything is read into owned memory (a mapped view would
         # keep the file's pages resident after the conversion); what is converted and then
         # dropped is read into transient memory, a weight matrix into the reader's one reused
-        # region (valid until the next such read: each is converted before the next is read).
-        return source.read(names[key], dtype=dtype, device=device, mapped=convert_linear is None,
-                           transient=to_convert, scratch=scratch)
+        # region (valid until the next such read: each is converted before the next is read),
+        # as stored: the converter takes 16-bit weights as they are, with no fp32 copy.
+        return source.read(names[key], dtype=None if scratch else dtype, device=device,
+                           mapped=convert_linear is None, transient=to_convert, scratch=scratch)
 
     if convert_linear is not None:
         # The tied head first: the largest matrix is converted while little else is resident.

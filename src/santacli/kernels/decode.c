@@ -64,6 +64,9 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)((v.u + rounding) >> 16);
 }
 static inline float f16_to_f32(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);  /* exact, like the bit manipulation below */
+#else
     uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 0x1F, man = h & 0x3FF, u;
     if (exp == 0) {
         if (man == 0) { u = sign; }
@@ -76,6 +79,7 @@ static inline float f16_to_f32(uint16_t h) {
     else { u = sign | ((exp + 127 - 15) << 23) | (man << 13); }
     union { uint32_t u; float f; } v = { u };
     return v.f;
+#endif
 }
 static inline uint16_t f32_to_f16(float f) {
 #if defined(__F16C__)
