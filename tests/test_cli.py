@@ -307,8 +307,9 @@ def test_ctrl_c_exits_130_and_leaves_file(tiny_checkpoint, tmp_path):
 
     from checkpoints import write_endless_checkpoint
 
-    # ~14M parameters: 4,000 tokens must outlast the 5 s wait even with the native decode step.
-    big = write_endless_checkpoint(tmp_path / "m", n_positions=4096, n_embd=384, n_layer=8, n_head=6)
+    # ~50M parameters: 4,000 tokens must outlast the 5 s wait with the native decode step on a
+    # quiet machine (~14M finished just in time and raced the signal).
+    big = write_endless_checkpoint(tmp_path / "m", n_positions=4096, n_embd=512, n_layer=16, n_head=8)
     target = tmp_path / "code.py"
     target.write_text("def f():\n    pass\n")
     before = target.read_bytes()
