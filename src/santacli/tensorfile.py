@@ -17,10 +17,13 @@ identical runs at the SantaCoder shape.
 from __future__ import annotations
 
 import ctypes
+import io
 import json
 import math
 import mmap
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -116,23 +119,12 @@ class TensorFiles:
         if self._scratch is None or self._scratch.numel() < step:
             self._scratch = torch.empty(step, dtype=torch.uint8)
         view = memoryview((ctypes.c_char * step).from_address(self._scratch.data_ptr())).cast("B")
-        done = 0
-        try:
-            with open(entry.file, "rb") as handle:
-                handle.seek(entry.start)
-                while done < nbytes:
-                    want = min(step, nbytes - done)
-                    got = 0
-                    while got < want:
-                        n = handle.readinto(view[got:want])
-                        if not n:
-                            raise CheckpointError(f"{entry.file}: tensor {name} is corrupted (the file ends early)")
-                        got += n
-                    first = done // stored.itemsize
-                    flat[first:first + want // stored.itemsize].copy_(self._scratch[:want].view(stored))
-                    done += want
-        except OSError as exc:
-            raise CheckpointError(f"{entry.file}: cannot read tensor {name} ({exc})") from None
+        with _opened(entry, name) as handle:  # one handle: the kernel's read-ahead carries on
+            for done in range(0, nbytes, step):
+                want = min(step, nbytes - done)
+                _read_exactly(handle, entry, name, view[:want])
+                first = done // stored.itemsize
+                flat[first:first + want // stored.itemsize].copy_(self._scratch[:want].view(stored))
         return out
 
     def release_scratch(self) -> None:
@@ -177,20 +169,29 @@ class TensorFiles:
     @staticmethod
     def _fill(entry: TensorEntry, name: str, view: memoryview) -> None:
         """Read the tensor's bytes from its file into ``view`` (exactly its size)."""
-        nbytes, done = len(view), 0
-        if nbytes:
-            try:
-                with open(entry.file, "rb") as handle:
-                    handle.seek(entry.start)
-                    while done < nbytes:
-                        got = handle.readinto(view[done:done + _READ_CHUNK])
-                        if not got:
-                            break
-                        done += got
-            except OSError as exc:
-                raise CheckpointError(f"{entry.file}: cannot read tensor {name} ({exc})") from None
-        if done < nbytes:
+        if len(view):
+            with _opened(entry, name) as handle:
+                _read_exactly(handle, entry, name, view)
+
+
+@contextmanager
+def _opened(entry: TensorEntry, name: str) -> Iterator[io.BufferedReader]:
+    """The tensor's file, positioned at its first byte; I/O errors become CheckpointError."""
+    try:
+        with open(entry.file, "rb") as handle:
+            handle.seek(entry.start)
+            yield handle
+    except OSError as exc:
+        raise CheckpointError(f"{entry.file}: cannot read tensor {name} ({exc})") from None
+
+
+def _read_exactly(handle: io.BufferedReader, entry: TensorEntry, name: str, view: memoryview) -> None:
+    done = 0
+    while done < len(view):
+        got = handle.readinto(view[done:done + _READ_CHUNK])
+        if not got:
             raise CheckpointError(f"{entry.file}: tensor {name} is corrupted (the file ends early)")
+        done += got
 
 
 def _index(file: Path) -> dict[str, TensorEntry]:
