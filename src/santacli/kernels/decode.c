@@ -285,6 +285,16 @@ static float quantize_row(const float *x, int64_t n, int8_t *q) {
     return s;
 }
 
+#if defined(__AVX2__)
+/* The sum of an AVX2 vector's 8 int32 lanes (the int8 dot products and the prompt GEMM). */
+static inline int32_t hsum_epi32(__m256i a) {
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+    return _mm_cvtsi128_si32(s4);
+}
+#endif
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 /* vpdpbusd multiplies unsigned by signed bytes: feed x + 128 and subtract 128 * sum(w). */
 #define I8_UNSIGNED_X 1
@@ -311,10 +321,7 @@ static inline int32_t dot_i8(const int8_t *w, const int8_t *x, int64_t n, int32_
         __m256i xv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(x + i)));
         acc = _mm256_add_epi32(acc, _mm256_madd_epi16(wv, xv));
     }
-    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-    int32_t s = _mm_cvtsi128_si32(s4);
+    int32_t s = hsum_epi32(acc);
     for (; i < n; i++) s += (int32_t)x[i] * w[i];
     return s;
 }
@@ -400,12 +407,7 @@ ALWAYS_INLINE void i8_rows(const int8_t *w0, int64_t K, const int8_t *xq, const 
         }
     }
     for (int bb = 0; bb < NB; bb++)
-        for (int r = 0; r < 4; r++) {
-            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(acc[bb][r]), _mm256_extracti128_si256(acc[bb][r], 1));
-            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-            s[bb][r] = _mm_cvtsi128_si32(s4);
-        }
+        for (int r = 0; r < 4; r++) s[bb][r] = hsum_epi32(acc[bb][r]);
 }
 #define I8_ROWS_OK(K) ((K) % 32 == 0)
 #else
@@ -927,12 +929,7 @@ typedef __m256i gacc;
 ALWAYS_INLINE gacc g_zero(void) { return _mm256_setzero_si256(); }
 ALWAYS_INLINE gacc g_load(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
 ALWAYS_INLINE gacc g_mac(gacc acc, gacc x, gacc w) { return _mm256_add_epi32(acc, _mm256_madd_epi16(x, w)); }
-ALWAYS_INLINE int32_t g_sum(gacc a) {
-    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-    return _mm_cvtsi128_si32(s4);
-}
+ALWAYS_INLINE int32_t g_sum(gacc a) { return hsum_epi32(a); }
 #else
 #define G_ISA "plain C"
 #define G_KSTEP 1
